@@ -1,0 +1,152 @@
+"""The detector extension point: a small protocol, and a registry that finds detectors by kind.
+
+A detector kind is a class registered under a name. The registry holds lazy
+``"module:Class"`` entries (built-in kinds come from the ``cotmon.detectors`` entry point group,
+exactly like a user's plugin), so heavy modules load only when a kind is used.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from monitor.types import Detection, DetectorSpec, ModelInfo, Readout, TraceStep
+
+__all__ = [
+    "Detector",
+    "DetectorContext",
+    "DetectorError",
+    "DetectorFactory",
+    "DetectorRegistry",
+    "DetectorSpec",
+    "EmitFn",
+    "default_registry",
+]
+
+ENTRY_POINT_GROUP = "cotmon.detectors"
+
+EmitFn = Callable[[Sequence[Detection]], None]
+"""Callback through which a slow detector (the judge) hands in detections later."""
+
+
+class DetectorError(ValueError):
+    """A detector cannot be built: unknown kind, bad arguments, an artifact that does not fit."""
+
+
+@dataclass(frozen=True)
+class DetectorContext:
+    """What a detector may use when it is built."""
+
+    model: ModelInfo
+    """The model the engine runs; artifacts are checked against it."""
+    base_dir: Path = field(default_factory=Path.cwd)
+    """Relative artifact paths in specs resolve against this directory."""
+    emit: EmitFn | None = None
+    """Set by the pipeline for each stream; detectors that answer late call it."""
+
+
+@runtime_checkable
+class Detector(Protocol):
+    """Scores a stream of tokens. One instance per stream, so per-stream state is safe."""
+
+    spec: DetectorSpec
+
+    def readouts(self) -> Sequence[Readout]:
+        """Linear columns this detector needs the engine to compute for every token."""
+        ...
+
+    def calibrated_threshold(self) -> float | None:
+        """Score at the artifact's calibrated false-positive rate, if it has one."""
+        ...
+
+    async def observe(self, step: TraceStep) -> Sequence[Detection]:
+        """Look at one token; return detections available now (possibly none)."""
+        ...
+
+
+class DetectorFactory(Protocol):
+    """What a registry entry resolves to: usually the detector class itself."""
+
+    def create(self, spec: DetectorSpec, context: DetectorContext) -> Detector:
+        """Build one detector instance for one stream."""
+        ...
+
+
+class DetectorRegistry:
+    """Maps detector kinds to factories; rejects a kind registered twice."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, str | DetectorFactory] = {}
+        self._loaded: dict[str, DetectorFactory] = {}
+
+    def register(self, kind: str, target: str | DetectorFactory) -> None:
+        """Register `kind` as a factory object or a lazy ``"module:Class"`` string."""
+        if kind in self._entries:
+            raise DetectorError(f"detector kind {kind!r} is already registered ({self._entries[kind]!r})")
+        if isinstance(target, str) and ":" not in target:
+            raise DetectorError(f"detector kind {kind!r}: entry {target!r} is not of the form 'module:Class'")
+        self._entries[kind] = target
+
+    def register_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
+        """Register every installed ``cotmon.detectors`` entry point not yet registered."""
+        for ep in entry_points(group=group):
+            if ep.name not in self._entries:
+                self.register(ep.name, ep.value)
+
+    def kinds(self) -> list[str]:
+        return sorted(self._entries)
+
+    def resolve(self, kind: str) -> DetectorFactory:
+        """The factory for `kind`, importing its module on first use."""
+        if kind in self._loaded:
+            return self._loaded[kind]
+        try:
+            target = self._entries[kind]
+        except KeyError:
+            known = ", ".join(self.kinds()) or "none"
+            raise DetectorError(f"unknown detector kind {kind!r} (registered: {known})") from None
+        if isinstance(target, str):
+            module_name, _, attr = target.partition(":")
+            try:
+                factory: DetectorFactory = getattr(importlib.import_module(module_name), attr)
+            except (ImportError, AttributeError) as exc:
+                raise DetectorError(f"detector kind {kind!r}: cannot load {target!r}: {exc}") from exc
+        else:
+            factory = target
+        self._loaded[kind] = factory
+        return factory
+
+    def create(self, spec: DetectorSpec, context: DetectorContext) -> Detector:
+        return self.resolve(spec.kind).create(spec, context)
+
+    def create_all(self, specs: Iterable[DetectorSpec], context: DetectorContext) -> list[Detector]:
+        """Build one detector per spec; names must be unique."""
+        seen: set[str] = set()
+        detectors = []
+        for spec in specs:
+            if spec.name in seen:
+                raise DetectorError(f"two detectors are named {spec.name!r}")
+            seen.add(spec.name)
+            detectors.append(self.create(spec, context))
+        return detectors
+
+
+_DEFAULT: DetectorRegistry | None = None
+
+
+def default_registry() -> DetectorRegistry:
+    """The process-wide registry with every installed entry point; tests build their own."""
+    global _DEFAULT
+    if _DEFAULT is None:
+        _DEFAULT = DetectorRegistry()
+        _DEFAULT.register_entry_points()
+    return _DEFAULT
+
+
+def thresholds_of(detectors: Sequence[Detector]) -> Mapping[str, float | None]:
+    """Calibrated threshold per detector name, for policies that say `gte: calibrated`."""
+    return {d.spec.name: d.calibrated_threshold() for d in detectors}

@@ -1,0 +1,62 @@
+"""Configuration: the only module that reads environment variables.
+
+Every setting has a default, an environment variable (`COTMON_<NAME>`), and usually a CLI
+option; the CLI passes its options as overrides, so the order is default < env < command line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+ENV_PREFIX = "COTMON_"
+
+
+class SettingsError(ValueError):
+    """A setting with a value that cannot be used; the message names the variable."""
+
+
+class Settings(BaseModel):
+    """cotmon's settings. Field docs double as `--help` text."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    model: str = Field("tiny", description="Hub id, local path, or `tiny` (the built-in test model).")
+    revision: str | None = Field(None, description="Model revision (commit) to load.")
+    device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
+    dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
+    seed: int = Field(0, description="Seed of the tiny model and of sampling.")
+    policy: Path | None = Field(None, description="Policy YAML; the bundled policies/default.yaml when unset.")
+    data_dir: Path = Field(Path(".cotmon"), description="Where transcripts and trained probes are written.")
+    log_format: Literal["json", "console"] = Field("json", description="structlog output format.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+
+    @classmethod
+    def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Defaults, then `COTMON_*` variables from `environ` (os.environ by default), then overrides."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for name in cls.model_fields:
+            key = ENV_PREFIX + name.upper()
+            if key in env:
+                values[name] = env[key]
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX + str(e['loc'][0]).upper() if e['loc'] else 'settings'}: {e['msg']}" for e in exc.errors()
+            )
+            raise SettingsError(problems) from None
+
+    @property
+    def transcripts_path(self) -> Path:
+        return self.data_dir / "transcripts.jsonl"
+
+    @property
+    def probes_dir(self) -> Path:
+        return self.data_dir / "probes"
