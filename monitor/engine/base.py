@@ -1,0 +1,37 @@
+"""The engine contract: where tokens and their readouts come from.
+
+Every engine (hf, vllm, upstream, replay) yields the same stream of `TraceStep`s, so everything
+downstream is shared. Halting and cancelling a stream is closing its async iterator: an engine
+computes the next token only when the consumer asks for the next step.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncGenerator, Sequence
+from typing import Protocol
+
+from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+
+
+class EngineError(RuntimeError):
+    """The engine cannot do what was asked (model not loadable, readouts that do not fit)."""
+
+
+class Engine(Protocol):
+    """Generates or teacher-forces tokens and computes the installed readouts on device."""
+
+    info: ModelInfo
+
+    def install(self, readouts: Sequence[Readout]) -> None:
+        """Compile `readouts` into the fused on-device readout; replaces what was installed."""
+        ...
+
+    def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
+        """Generate for `request`, one step per token. Closing the iterator stops generation."""
+        ...
+
+    def teacher_force(
+        self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
+    ) -> AsyncGenerator[TraceStep, None]:
+        """The steps the model would produce had it generated `assistant_text` itself."""
+        ...

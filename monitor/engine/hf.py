@@ -1,0 +1,225 @@
+"""The `hf` engine: any transformers causal LM, in process, with fused readouts in forward hooks.
+
+Each generated token is fed back through the model before its step is yielded, so the
+readouts of a step are those of the token's own position, exactly what teacher-forcing the
+same text computes. The next forward runs only when the consumer asks for the next step:
+closing the stream (a halt, a disconnect) stops generation before another token is emitted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import uuid
+from collections import deque
+from collections.abc import AsyncGenerator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from monitor.engine.base import EngineError
+from monitor.engine.readout import ActivationCapture, ReadoutHooks, ReadoutPlan, decoder_layers
+from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, opens_reasoning
+from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
+from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise EngineError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
+    return value
+
+
+class HFEngine:
+    """Generation and teacher-forcing with a transformers model; see the module docstring."""
+
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.info = info
+        self.device = next(model.parameters()).device
+        self._layers = decoder_layers(model)
+        self._plan: ReadoutPlan | None = None
+        self._hooks: ReadoutHooks | None = None
+        # The hooks write into per-engine buffers: one forward at a time.
+        self._lock = threading.Lock()
+        self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
+
+    @classmethod
+    def load(
+        cls, model_id: str = TINY_ID, *, device: str = "cpu", dtype: str = "auto", revision: str | None = None, seed: int = 0
+    ) -> HFEngine:
+        """Load `model_id` (a hub id, a local directory, or `tiny`) onto `device`."""
+        torch_device = resolve_device(device)
+        torch_dtype = resolve_dtype(dtype, torch_device)
+        model: Any
+        tokenizer: Any
+        if model_id == TINY_ID:
+            model, tokenizer = build_tiny(seed)
+            rev = f"seed{seed}-{weights_digest(model)}"
+        else:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
+                model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
+            except (OSError, ValueError) as exc:
+                raise EngineError(f"cannot load model {model_id!r}: {exc}") from exc
+            rev = revision or getattr(model.config, "_commit_hash", None) or ("local" if Path(model_id).exists() else "unknown")
+        model = model.to(device=torch_device, dtype=torch_dtype).eval()
+        layers = decoder_layers(model)
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        info = ModelInfo(model_id=model_id, revision=str(rev), d_model=int(config.hidden_size), n_layers=len(layers))
+        return cls(model, tokenizer, info)
+
+    # -- readouts -----------------------------------------------------------------------------
+
+    def install(self, readouts: Sequence[Readout]) -> None:
+        """Compile `readouts` into fused per-layer matrices and hook them; [] removes all hooks."""
+        plan = ReadoutPlan(readouts, d_model=self.info.d_model, n_layers=self.info.n_layers, device=self.device)
+        with self._lock:
+            if self._hooks is not None:
+                self._hooks.__exit__(None, None, None)
+            self._plan, self._hooks = (plan, ReadoutHooks(self._layers, plan).__enter__()) if len(plan) else (None, None)
+
+    @property
+    def readout_names(self) -> tuple[str, ...]:
+        return self._plan.names if self._plan else ()
+
+    # -- tokens ---------------------------------------------------------------------------------
+
+    def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
+        return str(
+            self.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True, tokenize=False)
+        )
+
+    def encode(self, text: str) -> list[int]:
+        return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    def _forward(self, input_ids: list[int], cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Logits of the last position and readouts of every position ([seq, n] or None)."""
+        with self._lock, torch.inference_mode():
+            ids = torch.tensor([input_ids], device=self.device)
+            out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+            readouts = self._hooks.collect()[0] if self._hooks is not None else None
+            return out.logits[0, -1].float(), readouts
+
+    def _step(
+        self,
+        session_id: str,
+        index: int,
+        token_id: int,
+        decoder: IncrementalDecoder,
+        tracker: ChannelTracker,
+        values: list[float] | None,
+        final: bool,
+    ) -> TraceStep:
+        text = decoder.push(token_id)
+        channel = tracker.push(text)
+        readouts = dict(zip(self.readout_names, values, strict=True)) if values is not None else {}
+        return TraceStep(session_id, index, token_id, text, channel, readouts, final)
+
+    async def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
+        session_id = request.session_id or uuid.uuid4().hex
+        prompt_text = self.render_prompt(request.messages)
+        decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
+        sampler = _Sampler(request, self.device)
+        eos = frozenset() if request.ignore_eos else _eos_ids(self.tokenizer, self.model)
+        cache = DynamicCache()
+        logits, _ = await asyncio.to_thread(self._forward, self.encode(prompt_text), cache)
+        pending = sampler(logits)
+        forced: deque[int] = deque()
+        for index in range(request.max_tokens):
+            if pending in eos:
+                return
+            token = pending
+            logits, values = await asyncio.to_thread(self._forward, [token], cache)
+            step = self._step(session_id, index, token, decoder, tracker, _row(values, 0), final=False)
+            final = index + 1 >= request.max_tokens
+            if not final:
+                budget = request.max_reasoning_tokens
+                if not forced and budget is not None and tracker.channel == "reasoning" and tracker.reasoning_tokens >= budget:
+                    forced.extend(self._close_ids)  # reasoning budget spent: close the think block
+                pending = forced.popleft() if forced else sampler(logits)
+                final = pending in eos
+            yield _finalised(step, final)
+            if final:
+                return
+
+    async def teacher_force(
+        self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
+    ) -> AsyncGenerator[TraceStep, None]:
+        session_id = session_id or uuid.uuid4().hex
+        prompt_text = self.render_prompt(messages)
+        prompt_ids, text_ids = self.encode(prompt_text), self.encode(assistant_text)
+        if not text_ids:
+            return
+        _, values = await asyncio.to_thread(self._forward, prompt_ids + text_ids, None)
+        decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
+        last = len(text_ids) - 1
+        for index, token in enumerate(text_ids):
+            yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
+
+    def capture(self, messages: Sequence[ChatMessage], assistant_text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
+        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer."""
+        prompt_ids = self.encode(self.render_prompt(messages))
+        text_ids = self.encode(assistant_text)
+        with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
+            self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
+        return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
+
+
+def _row(values: torch.Tensor | None, position: int) -> list[float] | None:
+    return None if values is None else values[position].tolist()
+
+
+def _finalised(step: TraceStep, final: bool) -> TraceStep:
+    if not final:
+        return step
+    return TraceStep(step.session_id, step.index, step.token_id, step.text, step.channel, step.readouts, True)
+
+
+def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
+    ids: set[int] = set()
+    for source in (getattr(model, "generation_config", None), tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
+class _Sampler:
+    """Greedy at temperature 0; otherwise temperature + nucleus sampling from a seeded generator."""
+
+    def __init__(self, request: GenerationRequest, device: torch.device):
+        self.temperature = request.temperature
+        self.top_p = request.top_p
+        self.generator = torch.Generator(device="cpu")
+        if request.seed is not None:
+            self.generator.manual_seed(request.seed)
+        else:
+            self.generator.seed()
+
+    def __call__(self, logits: torch.Tensor) -> int:
+        if self.temperature <= 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.cpu() / self.temperature, dim=-1)
+        if self.top_p < 1.0:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_p
+            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
+        return int(torch.multinomial(probs, 1, generator=self.generator))

@@ -1,0 +1,173 @@
+"""Fused on-device readouts: every readout of a layer in one matrix, computed in a forward hook.
+
+Probe directions and watched SAE encoder columns are all linear maps of the residual stream.
+At start-up they are compiled per layer into ``W[d_model, n]`` plus a bias and an optional
+JumpReLU threshold, on the model's device, in fp32. The hook computes ``h @ W + b`` for every
+position of every forward; only the ``n`` numbers per token ever leave the device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from monitor.types import Readout
+
+
+class ReadoutError(ValueError):
+    """Readouts that cannot be compiled for this model."""
+
+
+@dataclass(frozen=True)
+class LayerReadout:
+    """All readouts of one layer, fused."""
+
+    layer: int
+    weight: torch.Tensor  # [d_model, n] fp32 on the model's device
+    bias: torch.Tensor  # [n] fp32
+    threshold: torch.Tensor | None  # [n] fp32, -inf where a column has none; None if no column has one
+
+
+class ReadoutPlan:
+    """Readouts compiled into one fused matrix per layer; `names` orders the output columns."""
+
+    def __init__(self, readouts: Sequence[Readout], *, d_model: int, n_layers: int, device: torch.device | str = "cpu"):
+        seen: set[str] = set()
+        for r in readouts:
+            if r.name in seen:
+                raise ReadoutError(f"two readouts are named {r.name!r}")
+            seen.add(r.name)
+            if not 0 <= r.layer < n_layers:
+                raise ReadoutError(f"readout {r.name!r}: layer {r.layer} does not exist (model has layers 0..{n_layers - 1})")
+            if tuple(r.weight.shape) != (d_model,):
+                raise ReadoutError(f"readout {r.name!r}: weight has shape {tuple(r.weight.shape)}, model needs ({d_model},)")
+        self.d_model = d_model
+        by_layer: dict[int, list[Readout]] = {}
+        for r in readouts:
+            by_layer.setdefault(r.layer, []).append(r)
+        self.layers: tuple[LayerReadout, ...] = tuple(
+            _fuse(layer, by_layer[layer], torch.device(device)) for layer in sorted(by_layer)
+        )
+        self.names: tuple[str, ...] = tuple(r.name for layer in sorted(by_layer) for r in by_layer[layer])
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def apply(self, hidden: torch.Tensor, layer_index: int) -> torch.Tensor:
+        """Readout values of `self.layers[layer_index]` for hidden states [..., d_model] -> [..., n]."""
+        lr = self.layers[layer_index]
+        values = torch.addmm(lr.bias, hidden.reshape(-1, hidden.shape[-1]).float(), lr.weight)
+        if lr.threshold is not None:
+            values = torch.where(values > lr.threshold, values, torch.zeros_like(values))
+        return values.reshape(*hidden.shape[:-1], -1)
+
+
+def _fuse(layer: int, readouts: list[Readout], device: torch.device) -> LayerReadout:
+    weight = torch.stack([torch.as_tensor(r.weight, dtype=torch.float32) for r in readouts], dim=1)
+    bias = torch.tensor([r.bias for r in readouts], dtype=torch.float32)
+    threshold = None
+    if any(r.threshold is not None for r in readouts):
+        threshold = torch.tensor([-math.inf if r.threshold is None else r.threshold for r in readouts], dtype=torch.float32).to(
+            device
+        )
+    return LayerReadout(layer, weight.to(device).contiguous(), bias.to(device), threshold)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder blocks of a transformers causal LM (`model.model.layers` and its kin)."""
+    for path in ("model.layers", "model.language_model.layers", "transformer.h", "gpt_neox.layers", "model.decoder.layers"):
+        obj: Any = model
+        for part in path.split("."):
+            obj = getattr(obj, part, None)
+            if obj is None:
+                break
+        if isinstance(obj, nn.ModuleList):
+            return obj
+    n_layers = getattr(getattr(model, "config", None), "num_hidden_layers", None)
+    for module in model.modules():
+        if isinstance(module, nn.ModuleList) and len(module) == n_layers:
+            return module
+    raise ReadoutError(f"cannot find the decoder layers of {type(model).__name__}")
+
+
+def _hidden_of(output: Any) -> torch.Tensor:
+    # transformers 5 decoder layers return a Tensor, 4.x a tuple whose first item is the stream.
+    return output[0] if isinstance(output, tuple) else output  # type: ignore[no-any-return]
+
+
+class ReadoutHooks:
+    """Forward hooks that compute a plan's readouts on every forward of the model.
+
+    Use as a context manager; after each forward, `collect()` returns [batch, seq, n] on the host.
+    """
+
+    def __init__(self, layers: nn.ModuleList, plan: ReadoutPlan):
+        self._modules = layers
+        self._plan = plan
+        self._values: list[torch.Tensor | None] = [None] * len(plan.layers)
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> ReadoutHooks:
+        for i, lr in enumerate(self._plan.layers):
+            self._handles.append(self._modules[lr.layer].register_forward_hook(self._make_hook(i)))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, i: int) -> Any:
+        plan = self._plan
+        values = self._values
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            values[i] = plan.apply(_hidden_of(output).detach(), i)
+
+        return hook
+
+    def collect(self) -> torch.Tensor:
+        """Values of the last forward, [batch, seq, n] fp32 on the host (one transfer)."""
+        if not self._values:
+            raise ReadoutError("no readouts are installed")
+        parts = [v for v in self._values if v is not None]
+        if len(parts) != len(self._values):
+            raise ReadoutError("a hooked layer did not run in the last forward")
+        out = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        self._values[:] = [None] * len(self._values)
+        return out.cpu()
+
+
+class ActivationCapture:
+    """Forward hooks that keep raw residual-stream activations of chosen layers (probe training)."""
+
+    def __init__(self, layers: nn.ModuleList, wanted: Sequence[int]):
+        self._modules = layers
+        self.wanted = tuple(wanted)
+        self.activations: dict[int, torch.Tensor] = {}
+        self._handles: list[RemovableHandle] = []
+
+    def __enter__(self) -> ActivationCapture:
+        for layer in self.wanted:
+            if not 0 <= layer < len(self._modules):
+                raise ReadoutError(f"layer {layer} does not exist (model has layers 0..{len(self._modules) - 1})")
+            self._handles.append(self._modules[layer].register_forward_hook(self._make_hook(layer)))
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _make_hook(self, layer: int) -> Any:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self.activations[layer] = _hidden_of(output).detach().float().cpu()
+
+        return hook
