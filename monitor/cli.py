@@ -1,0 +1,82 @@
+"""`cotmon`: the command line.
+
+Commands that live in plugin packages (`demo`, and later `probes`, `eval`) are found through the
+`cotmon.commands` entry point group and imported only when run, so `monitor` never imports
+`probes` or `detectors` and `cotmon --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import click
+
+COMMAND_GROUP = "cotmon.commands"
+
+
+class LazyGroup(click.Group):
+    """A click group whose plugin commands load on first use."""
+
+    def _plugins(self) -> dict[str, str]:
+        return {ep.name: ep.value for ep in entry_points(group=COMMAND_GROUP)}
+
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        command = super().get_command(ctx, cmd_name)
+        if command is not None:
+            return command
+        target = self._plugins().get(cmd_name)
+        if target is None:
+            return None
+        module_name, _, attr = target.partition(":")
+        loaded: Any = getattr(importlib.import_module(module_name), attr)
+        return loaded if isinstance(loaded, click.Command) else None
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="cotmon")
+def main() -> None:
+    """cotmon watches the chain of thought of a reasoning model while it generates.
+
+    White-box: linear probes (and SAE features) read the residual stream at every token.
+    A policy turns their scores into flags: metrics, log lines, stored transcripts, and halts
+    before the answer reaches the agent.
+
+    Start with `cotmon demo`: it trains probes on the built-in tiny model and runs bundled
+    example transcripts through the whole loop on a CPU.
+    """
+
+
+@main.group()
+def policy() -> None:
+    """Check policy files."""
+
+
+@policy.command("check")
+@click.argument("path", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option(
+    "--detector",
+    "detectors",
+    multiple=True,
+    metavar="NAME[=THRESHOLD]",
+    help="A detector that exists (repeatable), with its calibrated threshold if it has one. "
+    "Without any, detector names are not checked.",
+)
+def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
+    """Validate a policy YAML file; errors name the file, rule and field."""
+    from monitor.policy import PolicyError, load_policy
+
+    known: dict[str, float | None] = {}
+    for item in detectors:
+        name, _, threshold = item.partition("=")
+        known[name] = float(threshold) if threshold else None
+    try:
+        loaded = load_policy(path, known or None)
+    except PolicyError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{path}: ok, policy {loaded.name!r} with {len(loaded.rules)} rules")

@@ -1,0 +1,297 @@
+"""One monitored stream: engine -> detectors -> policy -> sinks. Pure async, no HTTP.
+
+A `Pipeline` is built once per process (it installs the detectors' readouts into the engine);
+each generation or teacher-forced text is a `Session`, iterated step by step. A flag whose rule
+says `halt` ends the session right after the step that raised it: the engine is closed before
+it computes another token.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import threading
+import time
+import uuid
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from contextlib import aclosing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, Protocol
+
+from monitor.detector import Detector, DetectorContext, DetectorRegistry, default_registry, thresholds_of
+from monitor.engine.base import Engine
+from monitor.observability import Metrics, default_metrics, get_logger
+from monitor.policy import Policy, PolicyEvaluator, parse_policy
+from monitor.types import (
+    ChatMessage,
+    Detection,
+    DetectorSpec,
+    Flag,
+    GenerationRequest,
+    Outcome,
+    TraceStep,
+    Transcript,
+)
+
+
+class Sink(Protocol):
+    """Receives every finished session's transcript (metrics and the log line are built in)."""
+
+    def write(self, transcript: Transcript) -> None: ...
+
+
+@dataclass(frozen=True)
+class StepEvent:
+    """What the pipeline saw at one token: the step, its detections, and rules that just fired."""
+
+    step: TraceStep
+    detections: tuple[Detection, ...]
+    flags: tuple[Flag, ...]
+
+
+class Pipeline:
+    """Detectors and policy bound to an engine; makes one `Session` per stream."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        detector_specs: Sequence[DetectorSpec],
+        policy: Policy,
+        *,
+        registry: DetectorRegistry | None = None,
+        metrics: Metrics | None = None,
+        sinks: Sequence[Sink] = (),
+        base_dir: Path | None = None,
+        clock: Callable[[], float] = time.perf_counter,
+        wall_clock: Callable[[], float] = time.time,
+    ):
+        self.engine = engine
+        self.specs = tuple(detector_specs)
+        self.registry = registry or default_registry()
+        self.metrics = metrics or default_metrics()
+        self.sinks = tuple(sinks)
+        self.context = DetectorContext(model=engine.info, base_dir=base_dir or Path.cwd())
+        self.clock, self.wall_clock = clock, wall_clock
+        self.log = get_logger("cotmon.pipeline")
+        prototypes = self.registry.create_all(self.specs, self.context)
+        self.thresholds = thresholds_of(prototypes)
+        # Re-validate against the detectors that exist: unknown names and `calibrated` bounds on
+        # uncalibrated detectors fail here, naming the policy file, rule and field.
+        self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds)
+        engine.install([r for d in prototypes for r in d.readouts()])
+
+    def detectors(self, emit: Callable[[Sequence[Detection]], None]) -> list[Detector]:
+        """Fresh detector instances for one stream."""
+        return self.registry.create_all(self.specs, dataclasses.replace(self.context, emit=emit))
+
+    def generate(self, request: GenerationRequest) -> Session:
+        """A session that generates for `request`."""
+        session_id = request.session_id or uuid.uuid4().hex
+        request = dataclasses.replace(request, session_id=session_id)
+        return Session(self, session_id, tuple(request.messages), self.engine.stream(request))
+
+    def teacher_force(self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = "") -> Session:
+        """A session that scores `assistant_text` as if the model had written it."""
+        session_id = session_id or uuid.uuid4().hex
+        return Session(self, session_id, tuple(messages), self.engine.teacher_force(messages, assistant_text, session_id))
+
+
+class Session:
+    """One stream through the pipeline: `events()` step by step, or `await run()` for all of it.
+
+    Close `events()` (``contextlib.aclosing``) when leaving it early: that is what stops the
+    engine and records the session as aborted.
+    """
+
+    def __init__(
+        self, pipeline: Pipeline, session_id: str, messages: tuple[ChatMessage, ...], source: AsyncGenerator[TraceStep, None]
+    ):
+        self.pipeline = pipeline
+        self.session_id = session_id
+        self.messages = messages
+        self._source = source
+        self.steps: list[TraceStep] = []
+        self.detections: list[Detection] = []
+        self.flags: list[Flag] = []
+        self.transcript: Transcript | None = None
+        self._late: list[Detection] = []
+        self._late_lock = threading.Lock()
+
+    def _emit(self, detections: Sequence[Detection]) -> None:
+        with self._late_lock:
+            self._late.extend(detections)
+
+    def _take_late(self) -> list[Detection]:
+        with self._late_lock:
+            late, self._late = self._late, []
+        return late
+
+    async def run(self) -> Transcript:
+        """Consume the whole stream and return its transcript."""
+        async with aclosing(self.events()) as events:
+            async for _ in events:
+                pass
+        assert self.transcript is not None
+        return self.transcript
+
+    async def events(self) -> AsyncGenerator[StepEvent, None]:
+        p = self.pipeline
+        metrics = p.metrics
+        detectors = p.detectors(self._emit)
+        timers = {d.spec.name: metrics.detector_seconds.labels(d.spec.name) for d in detectors}
+        evaluator = PolicyEvaluator(p.policy, p.thresholds)
+        started = p.wall_clock()
+        outcome: Outcome = "completed"
+        error: str | None = None
+        metrics.sessions_active.inc()
+        try:
+            async with aclosing(self._source) as source:
+                async for step in source:
+                    arrived = p.clock()
+                    self.steps.append(step)
+                    metrics.tokens.labels(step.channel).inc()
+                    found: list[Detection] = self._take_late()
+                    for detector in detectors:
+                        t0 = p.clock()
+                        found.extend(await detector.observe(step))
+                        timers[detector.spec.name].observe(p.clock() - t0)
+                    flags = self._evaluate(evaluator, found, step.index, arrived)
+                    yield StepEvent(step, tuple(found), tuple(flags))
+                    if any("halt" in f.actions for f in flags):
+                        outcome = "halted"
+                        break
+            late = self._take_late()
+            if late:
+                self._evaluate(evaluator, late, self.steps[-1].index if self.steps else 0, p.clock())
+        except GeneratorExit:
+            outcome = "aborted"
+            raise
+        except BaseException as exc:  # cancellation included: the transcript is written regardless
+            outcome = "aborted" if isinstance(exc, asyncio.CancelledError | KeyboardInterrupt) else "error"
+            error = f"{type(exc).__name__}: {exc}"
+            raise
+        finally:
+            metrics.sessions_active.dec()
+            self._finish(outcome, error, started)
+
+    def _evaluate(self, evaluator: PolicyEvaluator, found: list[Detection], index: int, arrived: float) -> list[Flag]:
+        metrics = self.pipeline.metrics
+        for det in found:
+            metrics.detector_score.labels(det.detector, det.category).observe(det.score)
+        self.detections.extend(found)
+        flags = evaluator.observe(found, index)
+        for flag in flags:
+            self.flags.append(flag)
+            metrics.flags.labels(flag.category, flag.severity, flag.rule).inc()
+            if "halt" in flag.actions:
+                metrics.halts.labels(flag.rule).inc()
+            metrics.flag_latency.observe(self.pipeline.clock() - arrived)
+        return flags
+
+    def _finish(self, outcome: Outcome, error: str | None, started: float) -> None:
+        p = self.pipeline
+        transcript = Transcript(
+            session_id=self.session_id,
+            model=p.engine.info,
+            messages=self.messages,
+            steps=tuple(self.steps),
+            detections=tuple(self.detections),
+            flags=tuple(self.flags),
+            outcome=outcome,
+            detector_specs=p.specs,
+            policy=p.policy.to_dict(),
+            started_at=started,
+            ended_at=p.wall_clock(),
+            error=error,
+        )
+        self.transcript = transcript
+        p.metrics.sessions.labels(outcome).inc()
+        for sink in p.sinks:
+            try:
+                sink.write(transcript)
+            except Exception as exc:  # a failing sink must not take the others down
+                p.metrics.store_errors.inc()
+                p.log.error("sink_failed", session_id=self.session_id, sink=type(sink).__name__, error=str(exc))
+        p.log.info("session", **session_summary(transcript))
+
+
+def max_scores(detections: Sequence[Detection]) -> dict[str, float]:
+    """Highest score per detector."""
+    best: dict[str, float] = {}
+    for det in detections:
+        if det.score > best.get(det.detector, -1.0):
+            best[det.detector] = det.score
+    return best
+
+
+def session_summary(t: Transcript) -> dict[str, Any]:
+    """The fields of the canonical per-session log line."""
+    return {
+        "session_id": t.session_id,
+        "model": t.model.model_id,
+        "outcome": t.outcome,
+        "tokens": len(t.steps),
+        "reasoning_tokens": sum(1 for s in t.steps if s.channel == "reasoning"),
+        "flags": [f.rule for f in t.flags],
+        "halted_by": next((f.rule for f in t.flags if "halt" in f.actions), None),
+        "max_scores": {k: round(v, 4) for k, v in max_scores(t.detections).items()},
+        "duration_s": round(t.ended_at - t.started_at, 4),
+        "error": t.error,
+    }
+
+
+def transcript_to_dict(t: Transcript) -> dict[str, Any]:
+    """Plain data for a transcript (JSON-serialisable)."""
+    return {
+        "session_id": t.session_id,
+        "model": dataclasses.asdict(t.model),
+        "messages": [m.to_dict() for m in t.messages],
+        "steps": [
+            {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)}
+            for s in t.steps
+        ],
+        "detections": [
+            {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
+            for d in t.detections
+        ],
+        "flags": [f.to_dict() for f in t.flags],
+        "outcome": t.outcome,
+        "detector_specs": [s.to_dict() for s in t.detector_specs],
+        "policy": dict(t.policy),
+        "started_at": t.started_at,
+        "ended_at": t.ended_at,
+        "error": t.error,
+    }
+
+
+class JsonlTranscriptSink:
+    """Appends transcripts to a JSONL file: those a `store` rule kept, or all of them.
+
+    Stands in for the transcript store (SQLite/PostgreSQL) until it lands.
+    """
+
+    def __init__(self, path: Path, keep: Literal["flagged", "all"] = "flagged"):
+        self.path = path
+        self.keep = keep
+        self._lock = threading.Lock()
+
+    def wants(self, t: Transcript) -> bool:
+        return self.keep == "all" or any("store" in f.actions for f in t.flags)
+
+    def write(self, transcript: Transcript) -> None:
+        if not self.wants(transcript):
+            return
+        line = json.dumps(transcript_to_dict(transcript)) + "\n"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._lock, self.path.open("a", encoding="utf-8") as fh:
+            fh.write(line)
+            fh.flush()
+
+
+def read_transcripts(path: Path) -> list[Mapping[str, Any]]:
+    """Transcripts written by `JsonlTranscriptSink`, as plain data."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
