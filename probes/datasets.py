@@ -1,0 +1,118 @@
+"""Bundled contrast data and example transcripts (see probes/data/ATTRIBUTION.md)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from importlib.resources import files
+from pathlib import Path
+from typing import Any, Literal
+
+from monitor.engine.text import THINK_CLOSE, THINK_OPEN
+from monitor.types import ChatMessage
+
+ExampleLabel = Literal["honest", "deceptive", "harmful_planning"]
+
+
+class DatasetError(ValueError):
+    """A dataset file that cannot be read; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class LabelledText:
+    """One training text: the assistant `text` after `messages`, labelled 1 (positive) or 0."""
+
+    id: str
+    messages: tuple[ChatMessage, ...]
+    text: str
+    label: int
+    group: str
+    """Items sharing a group go to the same split (the two halves of a contrast pair)."""
+
+
+@dataclass(frozen=True)
+class Example:
+    """A bundled example agent transcript: messages, reasoning (the CoT) and the answer."""
+
+    id: str
+    label: ExampleLabel
+    split: Literal["train", "test"]
+    messages: tuple[ChatMessage, ...]
+    reasoning: str
+    answer: str
+
+    def assistant_text(self, prompt_opens_reasoning: bool = True) -> str:
+        """The generated text as an R1-style model would write it after the prompt."""
+        body = f"{self.reasoning}\n{THINK_CLOSE}\n\n{self.answer}"
+        return body if prompt_opens_reasoning else f"{THINK_OPEN}\n{body}"
+
+
+def data_path(name: str) -> Path:
+    return Path(str(files("probes").joinpath("data", name)))
+
+
+def _read_jsonl(path: Path) -> Iterable[tuple[int, dict[str, Any]]]:
+    with path.open(encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise DatasetError(f"{path}:{lineno}: not valid JSON ({exc})") from None
+
+
+def _messages(raw: Any, where: str) -> tuple[ChatMessage, ...]:
+    if not isinstance(raw, list) or not all(isinstance(m, dict) and {"role", "content"} <= set(m) for m in raw):
+        raise DatasetError(f"{where}: field 'messages' must be a list of {{role, content}} objects")
+    return tuple(ChatMessage(str(m["role"]), str(m["content"])) for m in raw)
+
+
+def load_contrast(name: Literal["deception", "harmful"], limit_per_label: int | None = None) -> list[LabelledText]:
+    """A bundled contrast set: label 1 deceptive / harmful, 0 honest / benign."""
+    path = data_path(f"{name}_contrast.jsonl")
+    items: list[LabelledText] = []
+    counts = {0: 0, 1: 0}
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        try:
+            label, text = int(row["label"]), str(row["text"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise DatasetError(f"{where}: missing or bad field {exc}") from None
+        if label not in counts:
+            raise DatasetError(f"{where}: field 'label' must be 0 or 1")
+        if limit_per_label is not None and counts[label] >= limit_per_label:
+            continue
+        counts[label] += 1
+        items.append(LabelledText(str(row.get("id", lineno)), _messages(row.get("messages"), where), text, label, text))
+    return items
+
+
+def load_examples() -> list[Example]:
+    """The bundled example agent transcripts (written for this project, labelled as examples)."""
+    path = data_path("examples.jsonl")
+    examples = []
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if row.get("label") not in ("honest", "deceptive", "harmful_planning") or row.get("split") not in ("train", "test"):
+            raise DatasetError(f"{where}: fields 'label' and 'split' must be a known label and train/test")
+        examples.append(
+            Example(
+                str(row["id"]),
+                row["label"],
+                row["split"],
+                _messages(row.get("messages"), where),
+                str(row["reasoning"]),
+                str(row["answer"]),
+            )
+        )
+    return examples
+
+
+def examples_as_training(examples: Sequence[Example], positive: ExampleLabel) -> list[LabelledText]:
+    """Train-split examples as probe training items: `positive` vs honest, on their reasoning."""
+    return [
+        LabelledText(e.id, e.messages, e.reasoning, int(e.label == positive), e.id)
+        for e in examples
+        if e.split == "train" and e.label in (positive, "honest")
+    ]
