@@ -1,0 +1,78 @@
+"""The hf engine: generation, teacher-forcing, channels, budget and stopping."""
+
+from __future__ import annotations
+
+from contextlib import aclosing
+
+import numpy as np
+
+from monitor.engine.hf import HFEngine
+from monitor.types import ChatMessage, GenerationRequest, Readout
+
+MESSAGES = (ChatMessage("system", "You are a coding agent."), ChatMessage("user", "Did the tests pass?"))
+
+
+def _install(engine: HFEngine) -> list[Readout]:
+    rng = np.random.default_rng(1)
+    readouts = [Readout(f"r{i}", i % 3, rng.standard_normal(engine.info.d_model).astype(np.float32), 0.1 * i) for i in range(4)]
+    engine.install(readouts)
+    return readouts
+
+
+async def test_teacher_forcing_reproduces_generated_tokens_and_readouts(engine: HFEngine) -> None:
+    _install(engine)
+    request = GenerationRequest(MESSAGES, max_tokens=80, temperature=0.9, seed=7, max_reasoning_tokens=40)
+    generated = [s async for s in engine.stream(request)]
+    text = "".join(s.text for s in generated)
+    forced = [s async for s in engine.teacher_force(MESSAGES, text)]
+    assert [s.token_id for s in forced] == [s.token_id for s in generated]
+    assert [s.channel for s in forced] == [s.channel for s in generated]
+    assert {s.channel for s in generated} == {"reasoning", "answer"}
+    worst = max(abs(a.readouts[k] - b.readouts[k]) for a, b in zip(generated, forced, strict=True) for k in a.readouts)
+    assert worst <= 1e-4
+
+
+async def test_greedy_generation_is_deterministic(engine: HFEngine) -> None:
+    request = GenerationRequest(MESSAGES, max_tokens=30)
+    first = [s.token_id async for s in engine.stream(request)]
+    second = [s.token_id async for s in engine.stream(request)]
+    assert first == second and len(first) == 30
+
+
+async def test_last_step_is_final_and_indices_are_consecutive(engine: HFEngine) -> None:
+    steps = [s async for s in engine.stream(GenerationRequest(MESSAGES, max_tokens=12))]
+    assert [s.index for s in steps] == list(range(12))
+    assert [s.final for s in steps] == [False] * 11 + [True]
+
+
+async def test_reasoning_budget_closes_the_think_block(engine: HFEngine) -> None:
+    steps = [s async for s in engine.stream(GenerationRequest(MESSAGES, max_tokens=40, max_reasoning_tokens=10))]
+    reasoning = "".join(s.text for s in steps if s.channel == "reasoning")
+    assert reasoning.endswith("\n</think>")
+    assert sum(s.channel == "reasoning" for s in steps) == 10 + len(engine.encode("\n</think>"))
+    assert steps[-1].channel == "answer"
+
+
+async def test_teacher_forced_channels_split_at_think_close(engine: HFEngine) -> None:
+    steps = [s async for s in engine.teacher_force(MESSAGES, "I ran nothing.\n</think>\n\nAll tests pass.")]
+    reasoning = "".join(s.text for s in steps if s.channel == "reasoning")
+    answer = "".join(s.text for s in steps if s.channel == "answer")
+    assert reasoning == "I ran nothing.\n</think>"
+    assert answer == "\n\nAll tests pass."
+
+
+async def test_closing_the_stream_stops_generation(engine: HFEngine) -> None:
+    calls = 0
+    forward = engine._forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine._forward = counting  # type: ignore[method-assign]
+    async with aclosing(engine.stream(GenerationRequest(MESSAGES, max_tokens=100))) as stream:
+        async for step in stream:
+            if step.index == 4:
+                break
+    assert calls == 1 + 5  # the prompt, then one forward per emitted token, none after the close

@@ -1,0 +1,233 @@
+"""The pipeline: engine -> detectors -> policy -> sinks, with halts, metrics, logs and transcripts."""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Sequence
+from contextlib import aclosing
+from pathlib import Path
+
+import pytest
+import structlog
+
+from conftest import ProbeFactory
+from monitor.detector import DetectorContext, DetectorRegistry
+from monitor.engine.hf import HFEngine
+from monitor.observability import Metrics, configure_logging
+from monitor.pipeline import JsonlTranscriptSink, Pipeline, read_transcripts
+from monitor.policy import PolicyError, parse_policy
+from monitor.testing import ScriptedEngine
+from monitor.types import ChatMessage, Detection, DetectorSpec, GenerationRequest, Readout, TraceStep
+
+MESSAGES = (ChatMessage("user", "Did you run the test suite?"),)
+
+
+class ReadoutScore:
+    """Test detector: score = sigmoid(readout named after the detector)."""
+
+    def __init__(self, spec: DetectorSpec, context: DetectorContext):
+        self.spec = spec
+        self.context = context
+
+    @classmethod
+    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ReadoutScore:
+        return cls(spec, context)
+
+    def readouts(self) -> Sequence[Readout]:
+        import numpy as np
+
+        return [Readout(self.spec.name, 0, np.zeros(self.context.model.d_model, np.float32))]
+
+    def calibrated_threshold(self) -> float | None:
+        return 0.5
+
+    async def observe(self, step: TraceStep) -> Sequence[Detection]:
+        score = 1.0 / (1.0 + math.exp(-step.readouts[self.spec.name]))
+        late = self.spec.args.get("emit_late_at")
+        if late == step.index and self.context.emit is not None:
+            self.context.emit([Detection(self.spec.name, "late", 0.99, 0, step.index + 1)])
+        return [Detection(self.spec.name, "deception", score, step.index, step.index + 1)]
+
+
+def _registry() -> DetectorRegistry:
+    registry = DetectorRegistry()
+    registry.register_entry_points()
+    registry.register("readout_score", ReadoutScore)
+    return registry
+
+
+def _policy(rules: list[dict[str, object]]) -> object:
+    return parse_policy({"name": "test", "rules": rules}, "test-policy.yaml")
+
+
+def _scripted(logits: list[float]) -> ScriptedEngine:
+    return ScriptedEngine([(f"t{i} ", "reasoning") for i in range(len(logits))], [{"s": v} for v in logits])
+
+
+HALT_RULE = {
+    "name": "halt-it",
+    "category": "deception",
+    "severity": "critical",
+    "when": {"detector": "s", "stat": "last", "gte": 0.9},
+    "actions": ["alert", "store", "halt"],
+}
+
+
+async def test_halt_rule_stops_real_generation_within_one_token(
+    make_probe: ProbeFactory, engine: HFEngine, metrics: Metrics
+) -> None:
+    spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe(layer=1))})
+    request = GenerationRequest(MESSAGES, max_tokens=40, temperature=0.9, seed=3)
+    watch = _policy(
+        [
+            {
+                "name": "never",
+                "category": "deception",
+                "severity": "info",
+                "when": {"detector": "p", "gte": 1.0},
+                "actions": ["alert"],
+            }
+        ]
+    )
+    free = await Pipeline(engine, [spec], watch, metrics=metrics).generate(request).run()  # type: ignore[arg-type]
+    scores = [d.score for d in free.detections]
+    trigger = scores.index(max(scores[5:30]), 5)  # first token reaching the bar, well inside the stream
+    bar = scores[trigger]
+    assert all(s < bar for s in scores[:trigger])
+
+    forwards = 0
+    forward = engine._forward
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal forwards
+        forwards += 1
+        return forward(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine._forward = counting  # type: ignore[method-assign]
+    halting = _policy([{**HALT_RULE, "when": {"detector": "p", "stat": "last", "gte": bar}}])
+    halted = await Pipeline(engine, [spec], halting, metrics=metrics).generate(request).run()  # type: ignore[arg-type]
+    assert halted.outcome == "halted"
+    assert halted.steps[-1].index == trigger  # the triggering token is the last one emitted
+    assert forwards == 1 + trigger + 1  # prompt + one forward per emitted token: nothing computed after
+    assert [f.rule for f in halted.flags] == ["halt-it"] and halted.flags[0].index == trigger
+    assert metrics.registry.get_sample_value("cotmon_halts_total", {"rule": "halt-it"}) == 1
+
+
+async def test_halt_with_scripted_engine_pulls_no_further_token(metrics: Metrics) -> None:
+    engine = _scripted([-3, -2, 0, 3, -5, -5, -5])
+    pipeline = Pipeline(
+        engine,
+        [DetectorSpec("readout_score", "s")],
+        _policy([HALT_RULE]),  # type: ignore[arg-type]
+        registry=_registry(),
+        metrics=metrics,
+    )
+    transcript = await pipeline.generate(GenerationRequest(MESSAGES)).run()
+    assert transcript.outcome == "halted" and len(transcript.steps) == 4 and engine.pulled == 4
+
+
+async def test_flagged_transcript_goes_to_the_jsonl_sink_and_unflagged_does_not(tmp_path: Path, metrics: Metrics) -> None:
+    sink = JsonlTranscriptSink(tmp_path / "t.jsonl")
+    rule = {**HALT_RULE, "actions": ["alert", "store"]}
+    flagged = Pipeline(
+        _scripted([0, 4, 0]),
+        [DetectorSpec("readout_score", "s")],
+        _policy([rule]),  # type: ignore[arg-type]
+        registry=_registry(),
+        metrics=metrics,
+        sinks=[sink],
+    )
+    await flagged.generate(GenerationRequest(MESSAGES, session_id="flagged")).run()
+    calm = Pipeline(
+        _scripted([0, 0, 0]),
+        [DetectorSpec("readout_score", "s")],
+        _policy([rule]),  # type: ignore[arg-type]
+        registry=_registry(),
+        metrics=metrics,
+        sinks=[sink],
+    )
+    await calm.generate(GenerationRequest(MESSAGES, session_id="calm")).run()
+    stored = read_transcripts(tmp_path / "t.jsonl")
+    assert [t["session_id"] for t in stored] == ["flagged"]
+    assert stored[0]["flags"][0]["rule"] == "halt-it" and stored[0]["detector_specs"][0]["kind"] == "readout_score"
+    assert len(stored[0]["steps"]) == 3 and stored[0]["policy"]["name"] == "test"
+
+
+async def test_metrics_count_tokens_flags_scores_and_sessions(metrics: Metrics) -> None:
+    pipeline = Pipeline(
+        _scripted([0, 4, 0, 0]),
+        [DetectorSpec("readout_score", "s")],
+        _policy([{**HALT_RULE, "actions": ["alert"]}]),
+        registry=_registry(),
+        metrics=metrics,
+    )  # type: ignore[arg-type]
+    await pipeline.generate(GenerationRequest(MESSAGES)).run()
+    value = metrics.registry.get_sample_value
+    assert value("cotmon_tokens_total", {"channel": "reasoning"}) == 4
+    assert value("cotmon_flags_total", {"category": "deception", "severity": "critical", "rule": "halt-it"}) == 1
+    assert value("cotmon_sessions_total", {"outcome": "completed"}) == 1
+    assert value("cotmon_detector_score_count", {"detector": "s", "category": "deception"}) == 4
+    assert value("cotmon_detector_seconds_count", {"detector": "s"}) == 4
+    assert value("cotmon_flag_latency_seconds_count") == 1
+    assert value("cotmon_sessions_active") == 0
+
+
+async def test_one_canonical_log_line_per_session() -> None:
+    out = io.StringIO()
+    configure_logging(json=True, stream=out)
+    try:
+        pipeline = Pipeline(
+            _scripted([0, 4]),
+            [DetectorSpec("readout_score", "s")],
+            _policy([HALT_RULE]),  # type: ignore[arg-type]
+            registry=_registry(),
+            metrics=Metrics(__import__("prometheus_client").CollectorRegistry()),
+        )
+        await pipeline.generate(GenerationRequest(MESSAGES, session_id="abc")).run()
+    finally:
+        structlog.reset_defaults()
+    lines = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert len(lines) == 1
+    assert lines[0]["event"] == "session" and lines[0]["session_id"] == "abc" and lines[0]["outcome"] == "halted"
+    assert lines[0]["halted_by"] == "halt-it" and lines[0]["tokens"] == 2
+
+
+async def test_leaving_early_records_the_session_as_aborted(metrics: Metrics) -> None:
+    engine = _scripted([0] * 10)
+    pipeline = Pipeline(engine, [DetectorSpec("readout_score", "s")], _policy([HALT_RULE]), registry=_registry(), metrics=metrics)  # type: ignore[arg-type]
+    session = pipeline.generate(GenerationRequest(MESSAGES))
+    async with aclosing(session.events()) as events:
+        async for event in events:
+            if event.step.index == 2:
+                break
+    assert session.transcript is not None and session.transcript.outcome == "aborted"
+    assert engine.pulled == 3
+    assert metrics.registry.get_sample_value("cotmon_sessions_total", {"outcome": "aborted"}) == 1
+
+
+async def test_late_detections_join_the_policy_evaluation(metrics: Metrics) -> None:
+    rule = {
+        "name": "judge-says",
+        "category": "deception",
+        "severity": "warning",
+        "when": {"detector": "s", "category": "late", "gte": 0.9},
+        "actions": ["alert"],
+    }
+    spec = DetectorSpec("readout_score", "s", {"emit_late_at": 1})
+    pipeline = Pipeline(
+        _scripted([0, 0, 0, 0]),
+        [spec],
+        parse_policy({"name": "t", "rules": [rule]}, "t.yaml"),
+        registry=_registry(),
+        metrics=metrics,
+    )
+    transcript = await pipeline.generate(GenerationRequest(MESSAGES)).run()
+    assert [(f.rule, f.index) for f in transcript.flags] == [("judge-says", 2)]
+
+
+def test_policy_naming_a_detector_that_does_not_exist_is_refused(metrics: Metrics) -> None:
+    rule = {**HALT_RULE, "when": {"detector": "nope", "gte": 0.5}}
+    with pytest.raises(PolicyError, match=r"test-policy\.yaml.*rule 'halt-it'.*unknown detector 'nope'"):
+        Pipeline(_scripted([0]), [DetectorSpec("readout_score", "s")], _policy([rule]), registry=_registry(), metrics=metrics)  # type: ignore[arg-type]
