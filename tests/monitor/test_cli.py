@@ -30,7 +30,9 @@ def test_policy_check_accepts_the_bundled_policies() -> None:
 
 def test_policy_check_reports_file_rule_and_field(tmp_path: Path) -> None:
     bad = tmp_path / "bad.yaml"
-    bad.write_text("name: x\nrules:\n  - {name: r, category: deception, severity: loud, when: {detector: d, gte: 0.5}, actions: [alert]}\n")
+    bad.write_text(
+        "name: x\nrules:\n  - {name: r, category: deception, severity: loud, when: {detector: d, gte: 0.5}, actions: [alert]}\n"
+    )
     result = CliRunner().invoke(main, ["policy", "check", str(bad)])
     assert result.exit_code != 0
     assert "bad.yaml" in result.output and "rule 'r'" in result.output and "severity" in result.output
