@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -59,3 +60,18 @@ def make_probe(tmp_path: Path, engine: HFEngine) -> ProbeFactory:
         return probe.save(tmp_path / "probes" / name)
 
     return make
+
+
+@pytest.fixture
+def forward_count(engine: HFEngine, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
+    """Counts the engine's forward passes from now on; call the returned function to read it."""
+    calls = 0
+    forward = engine._forward
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return forward(*args, **kwargs)
+
+    monkeypatch.setattr(engine, "_forward", counting)
+    return lambda: calls

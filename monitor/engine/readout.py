@@ -9,12 +9,14 @@ position of every forward; only the ``n`` numbers per token ever leave the devic
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Self
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
@@ -30,7 +32,7 @@ class LayerReadout:
     """All readouts of one layer, fused."""
 
     layer: int
-    weight: torch.Tensor  # [d_model, n] fp32 on the model's device
+    weight: torch.Tensor  # [n, d_model] fp32 on the model's device (rows: F.linear's layout)
     bias: torch.Tensor  # [n] fp32
     threshold: torch.Tensor | None  # [n] fp32, -inf where a column has none; None if no column has one
 
@@ -63,14 +65,14 @@ class ReadoutPlan:
     def apply(self, hidden: torch.Tensor, layer_index: int) -> torch.Tensor:
         """Readout values of `self.layers[layer_index]` for hidden states [..., d_model] -> [..., n]."""
         lr = self.layers[layer_index]
-        values = torch.addmm(lr.bias, hidden.reshape(-1, hidden.shape[-1]).float(), lr.weight)
+        values = F.linear(hidden.float(), lr.weight, lr.bias)  # one fused op: h @ W + b
         if lr.threshold is not None:
             values = torch.where(values > lr.threshold, values, torch.zeros_like(values))
-        return values.reshape(*hidden.shape[:-1], -1)
+        return values
 
 
 def _fuse(layer: int, readouts: list[Readout], device: torch.device) -> LayerReadout:
-    weight = torch.stack([torch.as_tensor(r.weight, dtype=torch.float32) for r in readouts], dim=1)
+    weight = torch.stack([torch.as_tensor(r.weight, dtype=torch.float32) for r in readouts], dim=0)
     bias = torch.tensor([r.bias for r in readouts], dtype=torch.float32)
     threshold = None
     if any(r.threshold is not None for r in readouts):
@@ -102,21 +104,25 @@ def _hidden_of(output: Any) -> torch.Tensor:
     return output[0] if isinstance(output, tuple) else output  # type: ignore[no-any-return]
 
 
-class ReadoutHooks:
-    """Forward hooks that compute a plan's readouts on every forward of the model.
+HookFn = Callable[[nn.Module, Any, Any], None]
 
-    Use as a context manager; after each forward, `collect()` returns [batch, seq, n] on the host.
-    """
 
-    def __init__(self, layers: nn.ModuleList, plan: ReadoutPlan):
+class _LayerHooks(ABC):
+    """Forward hooks on some decoder layers, registered on enter and removed on exit."""
+
+    def __init__(self, layers: nn.ModuleList):
         self._modules = layers
-        self._plan = plan
-        self._values: list[torch.Tensor | None] = [None] * len(plan.layers)
         self._handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> ReadoutHooks:
-        for i, lr in enumerate(self._plan.layers):
-            self._handles.append(self._modules[lr.layer].register_forward_hook(self._make_hook(i)))
+    @abstractmethod
+    def _hooks(self) -> Iterable[tuple[int, HookFn]]:
+        """(layer index, hook) pairs to register."""
+
+    def __enter__(self) -> Self:
+        for layer, hook in self._hooks():
+            if not 0 <= layer < len(self._modules):
+                raise ReadoutError(f"layer {layer} does not exist (model has layers 0..{len(self._modules) - 1})")
+            self._handles.append(self._modules[layer].register_forward_hook(hook))
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
@@ -124,14 +130,26 @@ class ReadoutHooks:
             handle.remove()
         self._handles.clear()
 
-    def _make_hook(self, i: int) -> Any:
-        plan = self._plan
-        values = self._values
 
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            values[i] = plan.apply(_hidden_of(output).detach(), i)
+class ReadoutHooks(_LayerHooks):
+    """Forward hooks that compute a plan's readouts on every forward of the model.
 
-        return hook
+    Use as a context manager; after each forward, `collect()` returns [batch, seq, n] on the host.
+    """
+
+    def __init__(self, layers: nn.ModuleList, plan: ReadoutPlan):
+        super().__init__(layers)
+        self._plan = plan
+        self._values: list[torch.Tensor | None] = [None] * len(plan.layers)
+
+    def _hooks(self) -> Iterable[tuple[int, HookFn]]:
+        plan, values = self._plan, self._values
+        for i, lr in enumerate(plan.layers):
+
+            def hook(module: nn.Module, args: Any, output: Any, i: int = i) -> None:
+                values[i] = plan.apply(_hidden_of(output), i)  # forwards run under inference_mode
+
+            yield lr.layer, hook
 
     def collect(self) -> torch.Tensor:
         """Values of the last forward, [batch, seq, n] fp32 on the host (one transfer)."""
@@ -145,29 +163,18 @@ class ReadoutHooks:
         return out.cpu()
 
 
-class ActivationCapture:
+class ActivationCapture(_LayerHooks):
     """Forward hooks that keep raw residual-stream activations of chosen layers (probe training)."""
 
     def __init__(self, layers: nn.ModuleList, wanted: Sequence[int]):
-        self._modules = layers
+        super().__init__(layers)
         self.wanted = tuple(wanted)
         self.activations: dict[int, torch.Tensor] = {}
-        self._handles: list[RemovableHandle] = []
 
-    def __enter__(self) -> ActivationCapture:
+    def _hooks(self) -> Iterable[tuple[int, HookFn]]:
         for layer in self.wanted:
-            if not 0 <= layer < len(self._modules):
-                raise ReadoutError(f"layer {layer} does not exist (model has layers 0..{len(self._modules) - 1})")
-            self._handles.append(self._modules[layer].register_forward_hook(self._make_hook(layer)))
-        return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
+            def hook(module: nn.Module, args: Any, output: Any, layer: int = layer) -> None:
+                self.activations[layer] = _hidden_of(output).float().cpu()
 
-    def _make_hook(self, layer: int) -> Any:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self.activations[layer] = _hidden_of(output).detach().float().cpu()
-
-        return hook
+            yield layer, hook

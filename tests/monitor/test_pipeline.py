@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import aclosing
 from pathlib import Path
 
@@ -76,7 +77,7 @@ HALT_RULE = {
 
 
 async def test_halt_rule_stops_real_generation_within_one_token(
-    make_probe: ProbeFactory, engine: HFEngine, metrics: Metrics
+    make_probe: ProbeFactory, engine: HFEngine, metrics: Metrics, forward_count: Callable[[], int]
 ) -> None:
     spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe(layer=1))})
     request = GenerationRequest(MESSAGES, max_tokens=40, temperature=0.9, seed=3)
@@ -96,21 +97,13 @@ async def test_halt_rule_stops_real_generation_within_one_token(
     trigger = scores.index(max(scores[5:30]), 5)  # first token reaching the bar, well inside the stream
     bar = scores[trigger]
     assert all(s < bar for s in scores[:trigger])
+    before = forward_count()
 
-    forwards = 0
-    forward = engine._forward
-
-    def counting(*args: object, **kwargs: object) -> object:
-        nonlocal forwards
-        forwards += 1
-        return forward(*args, **kwargs)  # type: ignore[arg-type]
-
-    engine._forward = counting  # type: ignore[method-assign]
     halting = _policy([{**HALT_RULE, "when": {"detector": "p", "stat": "last", "gte": bar}}])
     halted = await Pipeline(engine, [spec], halting, metrics=metrics).generate(request).run()  # type: ignore[arg-type]
     assert halted.outcome == "halted"
     assert halted.steps[-1].index == trigger  # the triggering token is the last one emitted
-    assert forwards == 1 + trigger + 1  # prompt + one forward per emitted token: nothing computed after
+    assert forward_count() - before == 1 + trigger + 1  # prompt + one forward per emitted token: nothing computed after
     assert [f.rule for f in halted.flags] == ["halt-it"] and halted.flags[0].index == trigger
     assert metrics.registry.get_sample_value("cotmon_halts_total", {"rule": "halt-it"}) == 1
 
@@ -231,3 +224,45 @@ def test_policy_naming_a_detector_that_does_not_exist_is_refused(metrics: Metric
     rule = {**HALT_RULE, "when": {"detector": "nope", "gte": 0.5}}
     with pytest.raises(PolicyError, match=r"test-policy\.yaml.*rule 'halt-it'.*unknown detector 'nope'"):
         Pipeline(_scripted([0]), [DetectorSpec("readout_score", "s")], _policy([rule]), registry=_registry(), metrics=metrics)  # type: ignore[arg-type]
+
+
+class BrokenEngine(ScriptedEngine):
+    """Fails after a few tokens, like a model crashing mid-generation."""
+
+    async def _play(self, session_id: str):  # type: ignore[no-untyped-def,override]
+        async for step in super()._play(session_id):
+            if step.index == 3:
+                raise RuntimeError("device lost")
+            yield step
+
+
+async def test_an_engine_crash_still_stores_the_flagged_transcript(tmp_path: Path, metrics: Metrics) -> None:
+    engine = BrokenEngine([(f"t{i}", "reasoning") for i in range(6)], [{"s": 4.0}] * 6)
+    sink = JsonlTranscriptSink(tmp_path / "t.jsonl")
+    rule = {**HALT_RULE, "actions": ["alert", "store"]}
+    pipeline = Pipeline(
+        engine, [DetectorSpec("readout_score", "s")], _policy([rule]), registry=_registry(), metrics=metrics, sinks=[sink]
+    )  # type: ignore[arg-type]
+    with pytest.raises(RuntimeError, match="device lost"):
+        await pipeline.generate(GenerationRequest(MESSAGES, session_id="crash")).run()
+    stored = read_transcripts(tmp_path / "t.jsonl")
+    assert [(t["session_id"], t["outcome"], len(t["steps"])) for t in stored] == [("crash", "error", 3)]
+    assert "device lost" in stored[0]["error"]
+
+
+async def test_cancelling_the_consumer_records_an_aborted_session(
+    engine: HFEngine, make_probe: ProbeFactory, metrics: Metrics
+) -> None:
+    spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe())})
+    never = _policy(
+        [{"name": "n", "category": "deception", "severity": "info", "when": {"detector": "p", "gte": 1.0}, "actions": ["alert"]}]
+    )
+    session = Pipeline(engine, [spec], never, metrics=metrics).generate(GenerationRequest(MESSAGES, max_tokens=10_000))  # type: ignore[arg-type]
+    task = asyncio.ensure_future(session.run())
+    while len(session.steps) < 5:
+        await asyncio.sleep(0.001)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert session.transcript is not None and session.transcript.outcome == "aborted"
+    assert 5 <= len(session.transcript.steps) < 10_000

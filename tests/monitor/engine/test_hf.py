@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import aclosing
 
 import numpy as np
@@ -61,18 +62,9 @@ async def test_teacher_forced_channels_split_at_think_close(engine: HFEngine) ->
     assert answer == "\n\nAll tests pass."
 
 
-async def test_closing_the_stream_stops_generation(engine: HFEngine) -> None:
-    calls = 0
-    forward = engine._forward
-
-    def counting(*args: object, **kwargs: object) -> object:
-        nonlocal calls
-        calls += 1
-        return forward(*args, **kwargs)  # type: ignore[arg-type]
-
-    engine._forward = counting  # type: ignore[method-assign]
+async def test_closing_the_stream_stops_generation(engine: HFEngine, forward_count: Callable[[], int]) -> None:
     async with aclosing(engine.stream(GenerationRequest(MESSAGES, max_tokens=100))) as stream:
         async for step in stream:
             if step.index == 4:
                 break
-    assert calls == 1 + 5  # the prompt, then one forward per emitted token, none after the close
+    assert forward_count() == 1 + 5  # the prompt, then one forward per emitted token, none after the close
