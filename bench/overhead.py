@@ -1,8 +1,10 @@
 """Decode speed with fused readouts vs without, on the hf engine.
 
 For each model: 8 random readout columns on 2 layers (probe-like), greedy decoding of
---tokens tokens, runs alternating off/on so that machine noise hits both alike; prints the
-median tokens/s of each and their ratio. Goal: readouts cost <= 5% of decode speed.
+--tokens tokens per run (rate = 1 / median time between tokens), runs alternating off/on in
+ABBA order so that machine noise hits both alike. Prints the median tokens/s of each mode,
+their ratio, and the host time of the readout work alone per token (fused op per layer, one
+transfer, the name->value dict) as a share of a token's time. Goal: <= 5% slowdown.
 
     .venv/bin/python bench/overhead.py                 # tiny + a d_model-2048 random model, CPU
     .venv/bin/python bench/overhead.py --device cuda   # same on a GPU
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import statistics
 import time
 
@@ -21,6 +24,7 @@ from rich.console import Console
 from rich.table import Table
 
 from monitor.engine.hf import HFEngine
+from monitor.engine.readout import ReadoutPlan
 from monitor.engine.tiny import build_model, build_tiny_tokenizer, tiny_config
 from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout
 
@@ -51,28 +55,44 @@ def readouts_for(info: ModelInfo, columns: int = 8) -> list[Readout]:
 
 
 async def decode_rate(engine: HFEngine, tokens: int) -> float:
+    """Decode tokens/s of one run, from the median time between consecutive steps.
+
+    The median step time is robust to the scheduler hiccups of a shared machine, which land on
+    a few tokens and would otherwise decide the whole run's mean.
+    """
     request = GenerationRequest(PROMPT, max_tokens=tokens, ignore_eos=True)
-    start = time.perf_counter()
-    count = 0
+    stamps = []
     async for _ in engine.stream(request):
-        count += 1
-    if count != tokens:
-        raise RuntimeError(f"decoded {count} tokens, expected {tokens}")
-    return count / (time.perf_counter() - start)
+        stamps.append(time.perf_counter())
+    if len(stamps) != tokens:
+        raise RuntimeError(f"decoded {len(stamps)} tokens, expected {tokens}")
+    return 1.0 / statistics.median(b - a for a, b in itertools.pairwise(stamps))
 
 
 async def measure(engine: HFEngine, tokens: int, repeats: int) -> tuple[float, float]:
     readouts = readouts_for(engine.info)
     engine.install([])
     await decode_rate(engine, tokens // 4)  # warm-up
-    off, on = [], []
-    for _ in range(repeats):
-        engine.install([])
-        off.append(await decode_rate(engine, tokens))
-        engine.install(readouts)
-        on.append(await decode_rate(engine, tokens))
+    rates: dict[bool, list[float]] = {False: [], True: []}
+    for rep in range(repeats):
+        for with_readouts in (False, True) if rep % 2 == 0 else (True, False):  # ABBA: order effects cancel
+            engine.install(readouts if with_readouts else [])
+            rates[with_readouts].append(await decode_rate(engine, tokens))
     engine.install([])
-    return statistics.median(off), statistics.median(on)
+    return statistics.median(rates[False]), statistics.median(rates[True])
+
+
+def readout_cost_us(engine: HFEngine, iterations: int = 2000) -> float:
+    """Host time per token of the readout work alone: every layer's fused op, the one transfer, the dict."""
+    plan = ReadoutPlan(
+        readouts_for(engine.info), d_model=engine.info.d_model, n_layers=engine.info.n_layers, device=engine.device
+    )
+    hidden = torch.randn(1, 1, engine.info.d_model, device=engine.device, dtype=next(engine.model.parameters()).dtype)
+    start = time.perf_counter()
+    for _ in range(iterations):
+        values = torch.cat([plan.apply(hidden, i) for i in range(len(plan.layers))], dim=-1).cpu()
+        dict(zip(plan.names, values[0, 0].tolist(), strict=True))
+    return (time.perf_counter() - start) / iterations * 1e6
 
 
 def main() -> None:
@@ -90,10 +110,12 @@ def main() -> None:
         (f"random d_model={args.d_model}", realistic_engine(args.d_model, args.layers, args.device, dtype)),
     ]
     table = Table(title=f"hf engine decode, {args.tokens} tokens/run, median of {args.repeats} alternating runs, {args.device}")
-    for col in ("model", "d_model x layers", "readouts", "tok/s off", "tok/s on", "on/off", "slowdown"):
+    columns = ("model", "d_model x layers", "readouts", "tok/s off", "tok/s on", "on/off", "slowdown", "readout µs/token")
+    for col in columns:
         table.add_column(col, justify="left" if col == "model" else "right")
     for label, engine in engines:
         off, on = asyncio.run(measure(engine, args.tokens, args.repeats))
+        cost = readout_cost_us(engine)
         table.add_row(
             label,
             f"{engine.info.d_model} x {engine.info.n_layers}",
@@ -102,6 +124,7 @@ def main() -> None:
             f"{on:.1f}",
             f"{on / off:.3f}",
             f"{(1 - on / off) * 100:+.1f}%",
+            f"{cost:.0f} ({cost * 1e-6 * off * 100:.2f}% of a token)",
         )
     Console(width=120).print(table)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
