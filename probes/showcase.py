@@ -105,9 +105,14 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     _print_transcripts(console, results, [s.name for s in specs])
     _print_auroc(console, results)
 
-    console.print("\n[bold]Live generation[/bold] (sampled, reasoning budget 48 tokens, same pipeline)")
+    console.print(
+        "\n[bold]Live generation[/bold] through the same pipeline (sampled; a 48-token reasoning budget closes the think "
+        "block; the random model's end-of-sequence token is ignored so that the answer channel shows)"
+    )
     live = await pipeline.generate(
-        GenerationRequest(LIVE_PROMPT, max_tokens=96, temperature=0.8, seed=settings.seed, max_reasoning_tokens=48)
+        GenerationRequest(
+            LIVE_PROMPT, max_tokens=96, temperature=0.8, seed=settings.seed, max_reasoning_tokens=48, ignore_eos=True
+        )
     ).run()
     console.print(f"  reasoning: {escape(repr(live.reasoning[:160]))}")
     console.print(f"  answer:    {escape(repr(live.answer[:160]))}")
@@ -138,9 +143,13 @@ def _print_layers(console: Console, name: str, results: Sequence[LayerResult], c
 
 
 def _print_transcripts(console: Console, results: Sequence[tuple[Example, Transcript]], detectors: Sequence[str]) -> None:
-    table = Table(title="Example transcripts (teacher-forced through the pipeline)", title_justify="left")
-    for col in ("id", "label", "split", "tokens", *[f"max {d}" for d in detectors], "flags", "outcome"):
-        table.add_column(col, justify="right" if col == "tokens" or col.startswith("max") else "left")
+    table = Table(
+        title="Example transcripts, teacher-forced through the pipeline "
+        "(halted: a halt rule would have stopped the generation at that token)",
+        title_justify="left",
+    )
+    for col in ("id", "label", "split", "tokens scored", *[f"max {d}" for d in detectors], "flags", "outcome"):
+        table.add_column(col, justify="right" if col == "tokens scored" or col.startswith("max") else "left")
     for ex, t in results:
         best = max_scores(t.detections)
         table.add_row(

@@ -1,0 +1,44 @@
+"""Policies: YAML rules that turn detections into flags (the schema is described in policies/README.md).
+
+A policy is data, never code: each rule is a tree of `all` / `any` / `not` over conditions, and a
+condition compares one statistic of a detector's latest scores with a bound. `load_policy`
+validates a file and names the file, the rule and the field in every error; `PolicyEvaluator`
+keeps one stream's score histories and says which rules fire at each token.
+"""
+
+from monitor.policy.evaluate import PolicyEvaluator
+from monitor.policy.model import (
+    COMPARISONS,
+    STATS,
+    AllOf,
+    AnyOf,
+    Bound,
+    Comparison,
+    Condition,
+    NotOf,
+    Policy,
+    PolicyError,
+    Rule,
+    Stat,
+    When,
+)
+from monitor.policy.parse import load_policy, parse_policy
+
+__all__ = [
+    "COMPARISONS",
+    "STATS",
+    "AllOf",
+    "AnyOf",
+    "Bound",
+    "Comparison",
+    "Condition",
+    "NotOf",
+    "Policy",
+    "PolicyError",
+    "PolicyEvaluator",
+    "Rule",
+    "Stat",
+    "When",
+    "load_policy",
+    "parse_policy",
+]

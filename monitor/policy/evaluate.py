@@ -1,0 +1,143 @@
+"""Evaluating one stream's detections against a policy, token by token."""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from itertools import islice
+
+from monitor.policy.model import COMPARE, SYMBOLS, AllOf, Bound, Condition, NotOf, Policy, PolicyError, Rule, When
+from monitor.types import Detection, Flag
+
+_Key = tuple[str, str | None]  # a score history: (detector, None) for all its detections, or one category's
+
+
+class PolicyEvaluator:
+    """Evaluates one stream's detections against a policy; make one per stream.
+
+    A condition looks at the last `window` scores of its history, or all of them while there are
+    fewer. A condition whose detector has no scores yet is false, so `not` of it is true: a rule
+    that is only a `not` fires at the first observed token unless a positive condition guards it.
+    """
+
+    def __init__(self, policy: Policy, thresholds: Mapping[str, float | None] | None = None) -> None:
+        """Resolve `calibrated` bounds from `thresholds`; PolicyError if a detector there has none."""
+        self.policy = policy
+        self._bounds: dict[Condition, tuple[float, float]] = {}  # (value, over) with `calibrated` resolved
+        self._pending: list[tuple[Rule, frozenset[_Key]]] = []  # rules not fired yet, with their histories
+        self._started = False
+        sizes: dict[_Key, int] = {}
+        for rule in policy.rules:
+            conditions = list(_conditions(rule.when))
+            for c in conditions:
+                self._bounds[c] = (
+                    _resolve(policy, rule, c, c.value, thresholds or {}),
+                    _resolve(policy, rule, c, c.over, thresholds or {}),
+                )
+                sizes[_key(c)] = max(sizes.get(_key(c), 1), c.window)
+            self._pending.append((rule, frozenset(map(_key, conditions))))
+        self._history: dict[_Key, deque[float]] = {key: deque(maxlen=size) for key, size in sizes.items()}
+
+    def observe(self, detections: Sequence[Detection], index: int) -> list[Flag]:
+        """Record `detections` (found at token `index`); return the flags of rules that fire now.
+
+        Each rule fires at most once per stream. A rule is evaluated at the first call and then
+        only when one of its histories got a score, since nothing else can change its outcome.
+        """
+        touched: set[_Key] = set()
+        for det in detections:
+            for key in ((det.detector, None), (det.detector, det.category)):
+                if (history := self._history.get(key)) is not None:
+                    history.append(det.score)
+                    touched.add(key)
+        first, self._started = not self._started, True
+        flags = [
+            Flag(rule.name, rule.category, rule.severity, rule.actions, index, self._explain(rule.when))
+            for rule, keys in self._pending
+            if (first or not keys.isdisjoint(touched)) and self._holds(rule.when)
+        ]
+        if flags:
+            fired = {flag.rule for flag in flags}
+            self._pending = [(rule, keys) for rule, keys in self._pending if rule.name not in fired]
+        return flags
+
+    def _holds(self, when: When) -> bool:
+        if isinstance(when, Condition):
+            value = self._value(when)
+            return value is not None and COMPARE[when.comparison](value, self._bounds[when][0])
+        if isinstance(when, NotOf):
+            return not self._holds(when.condition)
+        return (all if isinstance(when, AllOf) else any)(self._holds(c) for c in when.conditions)
+
+    def _explain(self, when: When) -> str:
+        """The conditions that hold, with their values (for a `when` that does not: what fails)."""
+        if isinstance(when, Condition):
+            value, (bound, over) = self._value(when), self._bounds[when]
+            stat = f"count_over({_show_bound(when.over, over)})" if when.stat == "count_over" else when.stat
+            stat += "" if when.alpha is None else f"(alpha={when.alpha:g})"
+            stat += "" if when.stat == "last" else f"@{when.window}"
+            label = when.detector + (f"[{when.category}]" if when.category else "") + f" {stat}"
+            if value is None:
+                return f"{label}: no scores yet"
+            shown = f"{value:.0f}" if when.stat == "count_over" else f"{value:.3f}"
+            return f"{label}={shown} {SYMBOLS[when.comparison]} {_show_bound(when.value, bound)}"
+        if isinstance(when, NotOf):
+            return f"not({self._explain(when.condition)})"
+        held = [self._explain(c) for c in when.conditions if self._holds(c)]
+        failed = [self._explain(c) for c in when.conditions if not self._holds(c)]
+        if isinstance(when, AllOf):
+            return "; ".join(held) if not failed else failed[0]
+        return "; ".join(held or failed)
+
+    def _value(self, cond: Condition) -> float | None:
+        """The condition's statistic over its window; None while its history is empty."""
+        history = self._history[_key(cond)]
+        if not history:
+            return None
+        n = len(history)
+        scores: Iterable[float] = history if cond.window >= n else islice(history, n - cond.window, None)
+        if cond.stat == "last":
+            return history[-1]
+        if cond.stat == "max":
+            return max(scores)
+        if cond.stat == "count_over":
+            return float(sum(1 for score in scores if score >= self._bounds[cond][1]))
+        if cond.stat == "mean":
+            window = list(scores)
+            return sum(window) / len(window)
+        alpha = cond.alpha or 2 / (cond.window + 1)  # ema, from the oldest score in the window
+        it = iter(scores)
+        value = next(it)
+        for score in it:
+            value = alpha * score + (1 - alpha) * value
+        return value
+
+
+def _conditions(when: When) -> Iterator[Condition]:
+    if isinstance(when, Condition):
+        yield when
+    elif isinstance(when, NotOf):
+        yield from _conditions(when.condition)
+    else:
+        for c in when.conditions:
+            yield from _conditions(c)
+
+
+def _key(cond: Condition) -> _Key:
+    return cond.detector, cond.category
+
+
+def _resolve(policy: Policy, rule: Rule, cond: Condition, bound: Bound | None, thresholds: Mapping[str, float | None]) -> float:
+    if bound != "calibrated":
+        return bound or 0.0
+    if (threshold := thresholds.get(cond.detector)) is None:
+        raise PolicyError(
+            policy.source,
+            f"detector {cond.detector!r} has no calibrated threshold, which a 'calibrated' bound needs",
+            rule=rule.name,
+        )
+    return threshold
+
+
+def _show_bound(bound: Bound | None, value: float) -> str:
+    return f"calibrated {value:g}" if bound == "calibrated" else f"{value:g}"

@@ -1,0 +1,122 @@
+"""The policy data model: rules, conditions and their compositions, and PolicyError."""
+
+from __future__ import annotations
+
+import operator
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from monitor.types import Action, Severity
+
+Stat = Literal["last", "max", "mean", "ema", "count_over"]
+Comparison = Literal["gte", "gt", "lte", "lt"]
+Bound = float | Literal["calibrated"]
+
+STATS: tuple[Stat, ...] = ("last", "max", "mean", "ema", "count_over")
+COMPARISONS: tuple[Comparison, ...] = ("gte", "gt", "lte", "lt")
+SYMBOLS: dict[Comparison, str] = {"gte": ">=", "gt": ">", "lte": "<=", "lt": "<"}
+COMPARE: dict[Comparison, Callable[[float, float], bool]] = {
+    "gte": operator.ge,
+    "gt": operator.gt,
+    "lte": operator.le,
+    "lt": operator.lt,
+}
+
+
+class PolicyError(ValueError):
+    """An invalid policy: the message names the file, the rule (when there is one) and the field."""
+
+    def __init__(self, source: str, message: str, *, rule: str | None = None, field: str | None = None):
+        self.source, self.rule, self.field = source, rule, field
+        where = [source] + ([f"rule {rule!r}"] if rule else []) + ([f"field {field!r}"] if field else [])
+        super().__init__(": ".join([*where, message]))
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One statistic of a detector's last `window` scores, compared with a bound."""
+
+    detector: str  # detector instance name (DetectorSpec.name)
+    comparison: Comparison  # how the statistic is compared with `value`
+    value: Bound  # a score in [0, 1] or `calibrated`; for count_over an integer count in [0, window]
+    stat: Stat = "last"
+    window: int = 1  # how many of the latest scores the statistic looks at
+    category: str | None = None  # when set, only the detector's detections of this category count
+    over: Bound | None = None  # count_over only: a score counts when it is >= this
+    alpha: float | None = None  # ema only: the smoothing factor; None means 2 / (window + 1)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"detector": self.detector}
+        if self.category is not None:
+            out["category"] = self.category
+        out |= {"stat": self.stat, "window": self.window}
+        out |= {k: v for k, v in (("over", self.over), ("alpha", self.alpha)) if v is not None}
+        return out | {self.comparison: self.value}
+
+
+@dataclass(frozen=True)
+class AllOf:
+    """Holds when every condition holds."""
+
+    conditions: tuple[When, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"all": [c.to_dict() for c in self.conditions]}
+
+
+@dataclass(frozen=True)
+class AnyOf:
+    """Holds when at least one condition holds."""
+
+    conditions: tuple[When, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"any": [c.to_dict() for c in self.conditions]}
+
+
+@dataclass(frozen=True)
+class NotOf:
+    """Holds when the condition does not, which includes while its detector has no scores yet."""
+
+    condition: When
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"not": self.condition.to_dict()}
+
+
+When = Condition | AllOf | AnyOf | NotOf
+
+
+@dataclass(frozen=True)
+class Rule:
+    """A named condition tree, and what to do when it holds (at most once per stream)."""
+
+    name: str
+    category: str
+    severity: Severity
+    when: When
+    actions: tuple[Action, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "category": self.category,
+            "severity": self.severity,
+            "when": self.when.to_dict(),
+            "actions": list(self.actions),
+        }
+
+
+@dataclass(frozen=True)
+class Policy:
+    """A validated policy; `source` is the file (or the name given to `parse_policy`)."""
+
+    name: str
+    description: str
+    rules: tuple[Rule, ...]
+    source: str
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data, without `source`, that `parse_policy` turns back into an equal policy."""
+        return {"name": self.name, "description": self.description, "rules": [r.to_dict() for r in self.rules]}
