@@ -40,18 +40,28 @@ def demo(
     """
     from rich.console import Console
 
+    from monitor.detector import DetectorError
+    from monitor.engine.base import EngineError
     from monitor.observability import configure_logging
-    from monitor.settings import Settings
+    from monitor.policy import PolicyError
+    from monitor.settings import Settings, SettingsError
+    from probes.datasets import DatasetError
     from probes.showcase import run
 
-    settings = Settings.load(model=model, device=device, dtype=dtype, seed=seed, data_dir=data_dir)
+    try:
+        settings = Settings.load(model=model, device=device, dtype=dtype, seed=seed, data_dir=data_dir)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
     console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)
     out = settings.data_dir / "demo"
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "cotmon.log"
     with log_path.open("w") as log_stream:
         configure_logging(json=settings.log_format == "json", level=settings.log_level, stream=log_stream)
-        run(settings, console, out, layers, contrast_limit)
+        try:
+            run(settings, console, out, layers, contrast_limit)
+        except (EngineError, DetectorError, PolicyError, DatasetError) as exc:
+            raise click.ClickException(str(exc)) from None
     console.print(f"\nStructured logs (one JSON line per session): {log_path}")
     if not exit_when_done:
         console.print(

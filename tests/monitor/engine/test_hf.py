@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import aclosing
+from pathlib import Path
 
 import numpy as np
+import pytest
 
+from monitor.engine.base import EngineError
 from monitor.engine.hf import HFEngine
 from monitor.types import ChatMessage, GenerationRequest, Readout
 
@@ -68,3 +71,13 @@ async def test_closing_the_stream_stops_generation(engine: HFEngine, forward_cou
             if step.index == 4:
                 break
     assert forward_count() == 1 + 5  # the prompt, then one forward per emitted token, none after the close
+
+
+def test_a_model_that_cannot_be_loaded_gives_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(EngineError, match=f"cannot load model '{tmp_path}'"):
+        HFEngine.load(str(tmp_path))
+
+
+def test_an_unknown_dtype_is_refused() -> None:
+    with pytest.raises(EngineError, match="unknown dtype 'float7'"):
+        HFEngine.load("tiny", dtype="float7")
