@@ -58,12 +58,12 @@ def run(settings: Settings, console: Console, out: Path, layers: str | None, con
 
 
 async def _run(settings: Settings, console: Console, out: Path, layers_opt: str | None, contrast_limit: int) -> None:
-    console.print(f"[bold]cotmon demo[/bold]: loading model {settings.model!r} on {settings.device}")
+    console.print(f"[bold]cotmon demo[/bold]: loading model {settings.model!r} (device {settings.device})")
     engine = HFEngine.load(
         settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision, seed=settings.seed
     )
     info = engine.info
-    console.print(f"  {info.model_id} rev {info.revision}: d_model {info.d_model}, {info.n_layers} layers")
+    console.print(f"  {info.model_id} rev {info.revision}: d_model {info.d_model}, {info.n_layers} layers, on {engine.device}")
     layers = [int(x) for x in layers_opt.split(",")] if layers_opt else default_layers(info.n_layers)
     examples = load_examples()
     opened = opens_reasoning(engine.render_prompt(examples[0].messages))
