@@ -80,3 +80,46 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     except PolicyError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{path}: ok, policy {loaded.name!r} with {len(loaded.rules)} rules")
+
+
+@main.command()
+@click.option("--model", default=None, help="Hub id, local path, or `tiny` (default).")
+@click.option("--host", default=None, help="Listen address [127.0.0.1].")
+@click.option("--port", type=int, default=None, help="Listen port [8000].")
+@click.option("--device", default=None, help="auto, cpu, cuda, ...")
+@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@click.option(
+    "--probes",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Directory of probe artifacts; each becomes a linear_probe detector named after its file.",
+)
+@click.option(
+    "--policy",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Policy YAML [policies/default.yaml when probes are given].",
+)
+@click.option("--served-model-name", default=None, help="Name clients use for the model [the model id].")
+@click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
+@click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
+def serve(**options: Any) -> None:
+    """Serve the model behind an OpenAI-compatible API, monitoring every stream.
+
+    POST /v1/chat/completions (streaming or not; reasoning in delta.reasoning and
+    delta.reasoning_content), POST /v1/monitor/transcripts (watch mode), GET /v1/models,
+    /healthz, /readyz, /metrics. COTMON_API_KEY, when set, protects every route but the last three.
+    """
+    from monitor.engine.base import EngineError
+    from monitor.observability import configure_logging
+    from monitor.policy import PolicyError
+    from monitor.server.serve import serve as run_server
+    from monitor.settings import Settings, SettingsError
+    from policies import bundled_policy
+
+    try:
+        settings = Settings.load(**options)
+        configure_logging(json=settings.log_format == "json", level=settings.log_level)
+        run_server(settings, bundled_policy("default"))
+    except (SettingsError, EngineError, PolicyError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None

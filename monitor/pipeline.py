@@ -79,7 +79,7 @@ class Pipeline:
         self.thresholds = thresholds_of(prototypes)
         # Re-validate against the detectors that exist: unknown names and `calibrated` bounds on
         # uncalibrated detectors fail here, naming the policy file, rule and field.
-        self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds)
+        self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds) if policy.rules else policy
         engine.install([r for d in prototypes for r in d.readouts()])
 
     def detectors(self, emit: Callable[[Sequence[Detection]], None]) -> list[Detector]:

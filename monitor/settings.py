@@ -34,6 +34,16 @@ class Settings(BaseModel):
     data_dir: Path = Field(Path(".cotmon"), description="Where transcripts and trained probes are written.")
     log_format: Literal["json", "console"] = Field("json", description="structlog output format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    host: str = Field("127.0.0.1", description="Address `cotmon serve` listens on.")
+    port: int = Field(8000, ge=0, le=65535, description="Port `cotmon serve` listens on.")
+    served_model_name: str | None = Field(None, description="Model name clients use; the model id (or `tiny`) when unset.")
+    probes: Path | None = Field(None, description="Directory of probe artifacts (*.json + *.safetensors) to load.")
+    api_key: str | None = Field(None, description="When set, every route but /healthz, /readyz and /metrics needs it.")
+    max_concurrent: int = Field(32, ge=1, description="Streams generated at once.")
+    max_queued: int = Field(0, ge=0, description="Requests that wait for a slot; beyond them: 429.")
+    max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
+    max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -9,7 +9,7 @@ from importlib.resources import files
 from pathlib import Path
 from typing import Any, Literal
 
-from monitor.engine.text import THINK_CLOSE, THINK_OPEN
+from monitor.engine.text import compose_assistant_text
 from monitor.types import ChatMessage
 
 ExampleLabel = Literal["honest", "deceptive", "harmful_planning"]
@@ -44,8 +44,7 @@ class Example:
 
     def assistant_text(self, prompt_opens_reasoning: bool = True) -> str:
         """The generated text as an R1-style model would write it after the prompt."""
-        body = f"{self.reasoning}\n{THINK_CLOSE}\n\n{self.answer}"
-        return body if prompt_opens_reasoning else f"{THINK_OPEN}\n{body}"
+        return compose_assistant_text(self.reasoning, self.answer, prompt_opens_reasoning)
 
 
 def data_path(name: str) -> Path:

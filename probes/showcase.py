@@ -24,7 +24,6 @@ from rich.table import Table
 from sklearn.metrics import roc_auc_score
 
 from monitor.engine.hf import HFEngine
-from monitor.engine.text import opens_reasoning
 from monitor.observability import Metrics
 from monitor.pipeline import JsonlTranscriptSink, Pipeline, max_scores
 from monitor.policy import load_policy
@@ -66,7 +65,7 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     console.print(f"  {info.model_id} rev {info.revision}: d_model {info.d_model}, {info.n_layers} layers, on {engine.device}")
     layers = [int(x) for x in layers_opt.split(",")] if layers_opt else default_layers(info.n_layers)
     examples = load_examples()
-    opened = opens_reasoning(engine.render_prompt(examples[0].messages))
+    opened = engine.prompt_opens_reasoning(examples[0].messages)
 
     specs = []
     for name, category, contrast, positive in PROBES:

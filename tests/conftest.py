@@ -1,8 +1,8 @@
-"""Shared fixtures: the real tiny model, random probe artifacts, fresh metric registries."""
+"""Shared fixtures: the real tiny model, random probe artifacts, fresh metric registries, a real server."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +10,16 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
+from monitor.pipeline import JsonlTranscriptSink, Pipeline
+from monitor.policy import parse_policy
+from monitor.server.app import create_app
+from monitor.server.serve import NO_RULES
+from monitor.settings import Settings
+from monitor.testing import ServerThread
+from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
 ProbeFactory = Callable[..., Path]
@@ -75,3 +83,49 @@ def forward_count(engine: HFEngine, monkeypatch: pytest.MonkeyPatch) -> Callable
 
     monkeypatch.setattr(engine, "_forward", counting)
     return lambda: calls
+
+
+# Fires when 5 tokens in a row score >= 0, i.e. on the 5th token, whatever the probe says.
+HALT_AT_FIFTH = {
+    "name": "halt-fifth",
+    "category": "deception",
+    "severity": "critical",
+    "when": {"detector": "p", "stat": "count_over", "over": 0.0, "window": 5, "gte": 5},
+    "actions": ["alert", "store", "halt"],
+}
+NEVER = {
+    "name": "never",
+    "category": "deception",
+    "severity": "info",
+    "when": {"detector": "p", "gte": 1.0},
+    "actions": ["alert"],
+}
+
+Serve = Callable[..., Any]
+
+
+@pytest.fixture
+def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterator[Serve]:
+    """serve(rules=[...], engine=..., **settings) -> a running ServerThread (closed after the test)."""
+    stack: list[ServerThread] = []
+
+    def start(rules: list[dict[str, Any]] | None = None, use_engine: Engine | None = None, **overrides: Any) -> ServerThread:
+        settings = Settings.load({}, data_dir=tmp_path / "data", **overrides)
+        spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe())})
+        the_engine = use_engine or engine
+        specs = [spec] if isinstance(the_engine, HFEngine) else []
+        policy = parse_policy({"name": "test", "rules": rules or [NEVER]}, "test.yaml") if specs else NO_RULES
+        metrics = Metrics(CollectorRegistry())
+        pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[JsonlTranscriptSink(settings.transcripts_path)])
+        server_app = create_app(settings, pipeline, model_name="tiny")
+        server = ServerThread(server_app).__enter__()
+        server.pipeline = pipeline  # type: ignore[attr-defined]
+        server.metrics = metrics  # type: ignore[attr-defined]
+        server.settings = settings  # type: ignore[attr-defined]
+        server.admission = server_app.state.cotmon.admission  # type: ignore[attr-defined]
+        stack.append(server)
+        return server
+
+    yield start
+    for server in stack:
+        server.__exit__(None, None, None)

@@ -26,6 +26,14 @@ class Engine(Protocol):
         """Compile `readouts` into the fused on-device readout; replaces what was installed."""
         ...
 
+    def prompt_opens_reasoning(self, messages: Sequence[ChatMessage]) -> bool:
+        """Whether the chat template leaves a `<think>` block open for the generation."""
+        ...
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        """Length of the rendered prompt in tokens (for usage accounting)."""
+        ...
+
     def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
         """Generate for `request`, one step per token. Closing the iterator stops generation."""
         ...

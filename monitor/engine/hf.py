@@ -105,6 +105,12 @@ class HFEngine:
             self.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True, tokenize=False)
         )
 
+    def prompt_opens_reasoning(self, messages: Sequence[ChatMessage]) -> bool:
+        return opens_reasoning(self.render_prompt(messages))
+
+    def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
+        return len(self.encode(self.render_prompt(messages)))
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 

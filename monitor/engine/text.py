@@ -15,6 +15,12 @@ def opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
+def compose_assistant_text(reasoning: str, answer: str, prompt_opens_reasoning: bool) -> str:
+    """The generated text of an R1-style model: reasoning, `</think>`, then the answer."""
+    body = f"{reasoning}\n{THINK_CLOSE}\n\n{answer}"
+    return body if prompt_opens_reasoning else f"{THINK_OPEN}\n{body}"
+
+
 class ChannelTracker:
     """Labels each token `reasoning` or `answer` from the decoded text.
 

@@ -1,0 +1,137 @@
+"""`create_app`: the OpenAI-compatible HTTP API around a monitoring pipeline.
+
+Every 4xx carries an OpenAI-style error body; unexpected failures become a 500 with the same
+shape rather than a dropped connection. The routes themselves live in `monitor.server.routes`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from monitor.observability import Metrics, get_logger
+from monitor.pipeline import Pipeline
+from monitor.server.protocol import APIError, error_body
+from monitor.settings import Settings
+
+
+class Admission:
+    """At most `max_concurrent` streams run; `max_queued` more wait; anyone beyond gets a 429."""
+
+    def __init__(self, max_concurrent: int, max_queued: int):
+        self._slots = asyncio.Semaphore(max_concurrent)
+        self._limit = max_concurrent + max_queued
+        self.inside = 0
+
+    async def enter(self) -> None:
+        if self.inside >= self._limit:
+            raise APIError(
+                429,
+                "too many concurrent requests; retry shortly",
+                type="rate_limit_error",
+                code="rate_limit_exceeded",
+                headers={"Retry-After": "1"},
+            )
+        self.inside += 1
+        try:
+            await self._slots.acquire()
+        except BaseException:
+            self.inside -= 1
+            raise
+
+    def leave(self) -> None:
+        self._slots.release()
+        self.inside -= 1
+
+
+@dataclass
+class ServerState:
+    """What the routes share; one per app."""
+
+    settings: Settings
+    pipeline: Pipeline
+    metrics: Metrics
+    model_name: str
+    admission: Admission
+
+
+class BodyLimit:
+    """Refuses request bodies over `limit` bytes with a 413 before they are read whole."""
+
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope.get("headers") or []).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.limit:
+            await _send_error(send, APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large"))
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
+            return message
+
+        await self.app(scope, counted, send)
+
+
+async def _send_error(send: Send, err: APIError) -> None:
+    response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+    await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
+    await send({"type": "http.response.body", "body": response.body})
+
+
+def create_app(
+    settings: Settings, pipeline: Pipeline, *, metrics: Metrics | None = None, model_name: str | None = None
+) -> FastAPI:
+    """The API for `pipeline`, served under `model_name` (default: the model id)."""
+    from monitor.server.routes import router
+
+    app = FastAPI(title="cotmon", version="0.1.0", description="OpenAI-compatible API with chain-of-thought monitoring.")
+    app.state.cotmon = ServerState(
+        settings=settings,
+        pipeline=pipeline,
+        metrics=metrics or pipeline.metrics,
+        model_name=model_name or settings.served_model_name or pipeline.engine.info.model_id,
+        admission=Admission(settings.max_concurrent, settings.max_queued),
+    )
+    app.include_router(router)
+    log = get_logger("cotmon.server")
+
+    @app.exception_handler(APIError)
+    async def api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
+        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
+        param = ".".join(loc) or None
+        message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+        return JSONResponse(error_body(message, param=param), status_code=400)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = "not_found" if exc.status_code == 404 else None
+        return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def crashed(request: Request, exc: Exception) -> JSONResponse:
+        log.error("request_failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
+        return JSONResponse(error_body("internal error", type="server_error"), status_code=500)
+
+    app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    return app

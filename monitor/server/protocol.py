@@ -1,0 +1,161 @@
+"""Wire models of the OpenAI-compatible API, and OpenAI-style errors.
+
+Requests are validated with pydantic (unknown fields are accepted and ignored, as OpenAI's own
+clients send many); responses are built as plain dicts in the OpenAI shapes, plus the
+`reasoning` / `reasoning_content` fields and a `cotmon` object.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from monitor.types import ChatMessage, Flag, Transcript
+
+
+class APIError(Exception):
+    """An error the API answers with: HTTP status plus an OpenAI-style error body."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def error_body(
+    message: str, type: str = "invalid_request_error", param: str | None = None, code: str | None = None
+) -> dict[str, Any]:
+    return {"error": {"message": message, "type": type, "param": param, "code": code}}
+
+
+class TextPart(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"]
+    text: str
+
+
+class MessageIn(BaseModel):
+    """A chat message as clients send it; content may be a string or text parts."""
+
+    model_config = ConfigDict(extra="allow")
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[TextPart] | None = None
+
+    def to_chat(self) -> ChatMessage:
+        text = "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content or ""
+        return ChatMessage("system" if self.role == "developer" else self.role, text)
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    include_usage: bool = False
+
+
+class ChatCompletionRequest(BaseModel):
+    """POST /v1/chat/completions."""
+
+    model_config = ConfigDict(extra="allow")
+    model: str = Field(min_length=1)
+    messages: list[MessageIn] = Field(min_length=1)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    max_tokens: int | None = Field(None, ge=1)
+    max_completion_tokens: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    seed: int | None = None
+    n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    max_reasoning_tokens: int | None = Field(
+        None, ge=1, description="cotmon extension: reasoning budget; when spent, the think block is closed."
+    )
+
+
+class MonitorTranscriptRequest(BaseModel):
+    """POST /v1/monitor/transcripts: score a transcript produced elsewhere (watch mode).
+
+    Give either `completion` (the assistant's text exactly as generated, think tags included)
+    or `reasoning` and `answer`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    model: str | None = None
+    messages: list[MessageIn] = Field(min_length=1)
+    completion: str | None = None
+    reasoning: str | None = None
+    answer: str | None = None
+    session_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+
+
+def flags_json(flags: tuple[Flag, ...] | list[Flag]) -> list[dict[str, Any]]:
+    return [f.to_dict() for f in flags]
+
+
+def cotmon_object(t: Transcript) -> dict[str, Any]:
+    """The `cotmon` object of a response's last chunk."""
+    return {"session_id": t.session_id, "outcome": t.outcome, "flags": flags_json(t.flags)}
+
+
+def finish_reason(t: Transcript, max_tokens: int) -> str:
+    if t.outcome == "halted":
+        return "content_filter"
+    return "length" if len(t.steps) >= max_tokens else "stop"
+
+
+def usage(prompt_tokens: int, t: Transcript) -> dict[str, Any]:
+    reasoning = sum(1 for s in t.steps if s.channel == "reasoning")
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": len(t.steps),
+        "total_tokens": prompt_tokens + len(t.steps),
+        "completion_tokens_details": {"reasoning_tokens": reasoning},
+    }
+
+
+def chunk(
+    completion_id: str, model: str, created: int, delta: dict[str, Any], finish: str | None = None, **extra: Any
+) -> dict[str, Any]:
+    return {
+        "id": completion_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}],
+        **extra,
+    }
+
+
+def completion(
+    completion_id: str, model: str, t: Transcript, text: tuple[str, str], max_tokens: int, prompt_tokens: int
+) -> dict[str, Any]:
+    """A non-streamed chat completion; `text` is (reasoning, content) with the think tags removed."""
+    reasoning, content = text[0] or None, text[1]
+    return {
+        "id": completion_id,
+        "object": "chat.completion",
+        "created": int(t.started_at or time.time()),
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": content, "reasoning": reasoning, "reasoning_content": reasoning},
+                "finish_reason": finish_reason(t, max_tokens),
+                "logprobs": None,
+            }
+        ],
+        "usage": usage(prompt_tokens, t),
+        "cotmon": cotmon_object(t),
+    }

@@ -1,0 +1,207 @@
+"""The HTTP routes: chat completions (SSE and not), watch mode, models, health and metrics."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import tempfile
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from monitor.engine.text import compose_assistant_text
+from monitor.pipeline import Session, max_scores
+from monitor.server.app import ServerState
+from monitor.server.protocol import (
+    APIError,
+    ChatCompletionRequest,
+    MonitorTranscriptRequest,
+    chunk,
+    completion,
+    cotmon_object,
+    finish_reason,
+    flags_json,
+    usage,
+)
+from monitor.server.stream import DeltaSplitter, split_steps
+from monitor.types import GenerationRequest
+
+DEFAULT_MAX_TOKENS = 512
+SESSION_HEADER = "X-Cotmon-Session"
+
+
+def state(request: Request) -> ServerState:
+    return request.app.state.cotmon  # type: ignore[no-any-return]
+
+
+def require_key(request: Request) -> None:
+    """Bearer API key check (constant-time compare) when a key is configured."""
+    key = state(request).settings.api_key
+    if key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise APIError(401, "missing or invalid API key", type="authentication_error", code="invalid_api_key")
+
+
+router = APIRouter()
+protected = APIRouter(dependencies=[Depends(require_key)])
+
+
+@router.get("/healthz")
+async def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> JSONResponse:
+    """The model is loaded and the data directory is writable."""
+    s = state(request)
+    try:
+        s.settings.data_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=s.settings.data_dir):
+            pass
+    except OSError as exc:
+        return JSONResponse({"status": "not ready", "reason": f"data dir not writable: {exc}"}, status_code=503)
+    return JSONResponse({"status": "ready", "model": s.model_name})
+
+
+@router.get("/metrics")
+async def metrics(request: Request) -> Response:
+    return PlainTextResponse(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@protected.get("/v1/models")
+async def models(request: Request) -> dict[str, Any]:
+    s = state(request)
+    return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "cotmon"}]}
+
+
+def _check_model(s: ServerState, model: str | None) -> None:
+    if model is not None and model != s.model_name:
+        raise APIError(404, f"model {model!r} does not exist (served: {s.model_name!r})", param="model", code="model_not_found")
+
+
+@protected.post("/v1/chat/completions", response_model=None)
+async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+    s = state(request)
+    _check_model(s, body.model)
+    limit = s.settings.max_tokens_limit
+    max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
+    if max_tokens > limit:
+        raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
+    messages = [m.to_chat() for m in body.messages]
+    gen = GenerationRequest(
+        messages=messages,
+        max_tokens=max_tokens,
+        temperature=1.0 if body.temperature is None else body.temperature,
+        top_p=1.0 if body.top_p is None else body.top_p,
+        seed=body.seed,
+        max_reasoning_tokens=body.max_reasoning_tokens,
+        session_id=uuid.uuid4().hex,
+    )
+    prompt_tokens = s.pipeline.engine.prompt_tokens(messages)
+    await s.admission.enter()
+    try:
+        session = s.pipeline.generate(gen)
+    except BaseException:
+        s.admission.leave()
+        raise
+    headers = {SESSION_HEADER: session.session_id}
+    completion_id = f"chatcmpl-{session.session_id}"
+    if body.stream:
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        events = _sse(s, session, completion_id, max_tokens, prompt_tokens, include_usage)
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+    try:
+        transcript = await session.run()
+    finally:
+        s.admission.leave()
+    text = split_steps(transcript.steps)
+    return JSONResponse(completion(completion_id, s.model_name, transcript, text, max_tokens, prompt_tokens), headers=headers)
+
+
+def _data(payload: dict[str, Any]) -> str:
+    return f"data: {json.dumps(payload)}\n\n"
+
+
+async def _sse(
+    s: ServerState, session: Session, completion_id: str, max_tokens: int, prompt_tokens: int, include_usage: bool
+) -> AsyncIterator[str]:
+    """SSE chunks: role, then reasoning/content deltas, then a final chunk with the `cotmon` object."""
+    created = int(time.time())
+    splitter = DeltaSplitter()
+    try:
+        yield _data(chunk(completion_id, s.model_name, created, {"role": "assistant", "content": ""}))
+        async with aclosing(session.events()) as events:
+            async for event in events:
+                reasoning, content = splitter.push(event.step.text, event.step.channel)
+                if reasoning or content:
+                    yield _data(chunk(completion_id, s.model_name, created, _delta(reasoning, content)))
+        rest = splitter.flush()
+        if rest:
+            yield _data(chunk(completion_id, s.model_name, created, _delta(rest, "")))
+        transcript = session.transcript
+        assert transcript is not None
+        final = chunk(
+            completion_id, s.model_name, created, {}, finish_reason(transcript, max_tokens), cotmon=cotmon_object(transcript)
+        )
+        yield _data(final)
+        if include_usage:
+            yield _data(
+                {**chunk(completion_id, s.model_name, created, {}), "choices": [], "usage": usage(prompt_tokens, transcript)}
+            )
+        yield "data: [DONE]\n\n"
+    finally:
+        s.admission.leave()
+
+
+def _delta(reasoning: str, content: str) -> dict[str, Any]:
+    delta: dict[str, Any] = {}
+    if reasoning:
+        delta["reasoning"] = delta["reasoning_content"] = reasoning
+    if content:
+        delta["content"] = content
+    return delta
+
+
+@protected.post("/v1/monitor/transcripts")
+async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -> JSONResponse:
+    """Watch mode: teacher-force a transcript produced elsewhere and return detections and flags."""
+    s = state(request)
+    _check_model(s, body.model)
+    messages = [m.to_chat() for m in body.messages]
+    if body.completion is not None:
+        text = body.completion
+    elif body.reasoning is not None:
+        text = compose_assistant_text(body.reasoning, body.answer or "", s.pipeline.engine.prompt_opens_reasoning(messages))
+    else:
+        raise APIError(400, "give either 'completion' or 'reasoning' (with an optional 'answer')", param="completion")
+    if not text.strip():
+        raise APIError(400, "the transcript is empty", param="completion")
+    await s.admission.enter()
+    try:
+        transcript = await s.pipeline.teacher_force(messages, text, session_id=body.session_id or uuid.uuid4().hex).run()
+    finally:
+        s.admission.leave()
+    return JSONResponse(
+        {
+            "session_id": transcript.session_id,
+            "outcome": transcript.outcome,
+            "tokens": len(transcript.steps),
+            "flags": flags_json(transcript.flags),
+            "max_scores": max_scores(transcript.detections),
+        },
+        headers={SESSION_HEADER: transcript.session_id},
+    )
+
+
+router.include_router(protected)

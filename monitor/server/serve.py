@@ -1,0 +1,67 @@
+"""Building the serving process from settings: engine, detectors, policy, sinks, app, uvicorn."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import uvicorn
+from fastapi import FastAPI
+
+from monitor.engine.hf import HFEngine
+from monitor.observability import Metrics, default_metrics, get_logger
+from monitor.pipeline import JsonlTranscriptSink, Pipeline
+from monitor.policy import Policy, load_policy
+from monitor.server.app import create_app
+from monitor.settings import Settings
+from monitor.types import DetectorSpec
+
+NO_RULES = Policy(name="none", description="no detectors are configured", rules=(), source="<no policy>")
+
+
+def probe_specs(directory: Path | None) -> list[DetectorSpec]:
+    """One `linear_probe` detector per artifact (NAME.json + NAME.safetensors) in `directory`."""
+    if directory is None:
+        return []
+    if not directory.is_dir():
+        raise FileNotFoundError(f"probe directory {directory} does not exist")
+    return [
+        DetectorSpec("linear_probe", meta.stem, {"artifact": str(meta.with_suffix(""))})
+        for meta in sorted(directory.glob("*.json"))
+        if meta.with_suffix(".safetensors").exists()
+    ]
+
+
+def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics | None = None) -> Pipeline:
+    """Engine + detectors from `settings.probes` + policy (the given one, or `default_policy`)."""
+    engine = HFEngine.load(
+        settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision, seed=settings.seed
+    )
+    specs = probe_specs(settings.probes)
+    if specs:
+        policy = load_policy(settings.policy or default_policy)
+    elif settings.policy is not None:
+        policy = load_policy(settings.policy)
+    else:
+        policy = NO_RULES
+    sink = JsonlTranscriptSink(settings.transcripts_path)
+    return Pipeline(engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink])
+
+
+def build_app(settings: Settings, default_policy: Path) -> FastAPI:
+    pipeline = build_pipeline(settings, default_policy)
+    return create_app(settings, pipeline, model_name=settings.served_model_name or settings.model)
+
+
+def serve(settings: Settings, default_policy: Path) -> None:
+    """Run the API until SIGTERM/SIGINT; in-flight streams get `drain_seconds` to finish."""
+    app = build_app(settings, default_policy)
+    get_logger("cotmon.server").info("serving", host=settings.host, port=settings.port, model=settings.model)
+    config = uvicorn.Config(
+        app,
+        host=settings.host,
+        port=settings.port,
+        log_level="warning",
+        timeout_graceful_shutdown=int(settings.drain_seconds),
+        access_log=False,
+    )
+    uvicorn.Server(config).run()
