@@ -101,6 +101,15 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     help="Policy YAML [policies/default.yaml when probes are given].",
 )
 @click.option("--served-model-name", default=None, help="Name clients use for the model [the model id].")
+@click.option(
+    "--engine",
+    type=click.Choice(["hf", "upstream"]),
+    default=None,
+    help="hf: generate in process [default]; upstream: proxy an OpenAI-compatible server.",
+)
+@click.option("--upstream-url", default=None, help="Upstream base URL ending in /v1 (upstream engine).")
+@click.option("--upstream-model", default=None, help="Model name to request from the upstream [served name].")
+@click.option("--reader", default=None, help="Upstream engine: local model that reads the CoT [--model].")
 @click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
 @click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
 def serve(**options: Any) -> None:

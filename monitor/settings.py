@@ -26,6 +26,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field("tiny", description="Hub id, local path, or `tiny` (the built-in test model).")
+    engine: Literal["hf", "upstream"] = Field("hf", description="hf: generate in process; upstream: proxy another server.")
+    upstream_url: str | None = Field(None, description="Base URL (ending in /v1) of the OpenAI-compatible upstream server.")
+    upstream_model: str | None = Field(None, description="Model name to ask the upstream for [the served model name].")
+    upstream_api_key: str | None = Field(None, description="API key for the upstream server.")
+    reader: str | None = Field(None, description="Upstream mode: the local model that reads the CoT [--model].")
     revision: str | None = Field(None, description="Model revision (commit) to load.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")

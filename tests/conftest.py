@@ -113,7 +113,7 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
         settings = Settings.load({}, data_dir=tmp_path / "data", **overrides)
         spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe())})
         the_engine = use_engine or engine
-        specs = [spec] if isinstance(the_engine, HFEngine) else []
+        specs = [spec] if the_engine is engine or rules else []
         policy = parse_policy({"name": "test", "rules": rules or [NEVER]}, "test.yaml") if specs else NO_RULES
         metrics = Metrics(CollectorRegistry())
         pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[JsonlTranscriptSink(settings.transcripts_path)])

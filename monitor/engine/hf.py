@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
 from monitor.engine.readout import ActivationCapture, ReadoutHooks, ReadoutPlan, decoder_layers
-from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, opens_reasoning
+from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, opens_reasoning, partial_tag_length
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
 
@@ -178,6 +178,10 @@ class HFEngine:
         for index, token in enumerate(text_ids):
             yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
 
+    def forcer(self, messages: Sequence[ChatMessage], session_id: str) -> IncrementalForcer:
+        """Teacher-forcing of a text that arrives in pieces (the upstream mode's reader)."""
+        return IncrementalForcer(self, messages, session_id)
+
     def capture(self, messages: Sequence[ChatMessage], assistant_text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
         """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer."""
         prompt_ids = self.encode(self.render_prompt(messages))
@@ -229,3 +233,57 @@ class _Sampler:
             keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_p
             probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
         return int(torch.multinomial(probs, 1, generator=self.generator))
+
+
+class IncrementalForcer:
+    """Teacher-forces an assistant text that arrives piece by piece, with a KV cache.
+
+    Only text not yet covered by forwarded tokens is tokenised, and its last token is held
+    back (and any tail that may be the start of an added token such as `</think>`), since the
+    next piece may change how it tokenises; `finish()` forwards the rest. The
+    steps equal those of `teacher_force` on the whole text whenever the pieces tokenise as the
+    whole does (always for the tiny model's character-level tokens; for BPE, up to a token
+    boundary chosen differently now and then). The text itself is always exact.
+    """
+
+    def __init__(self, engine: HFEngine, messages: Sequence[ChatMessage], session_id: str):
+        self._engine = engine
+        self._session_id = session_id
+        prompt_text = engine.render_prompt(messages)
+        self._prompt_ids: list[int] | None = engine.encode(prompt_text)
+        self._cache = DynamicCache()
+        self._text = ""
+        self._covered = 0  # characters of _text already forwarded
+        self._decoder = IncrementalDecoder(engine.tokenizer)
+        self._tracker = ChannelTracker(opens_reasoning(prompt_text))
+        self._index = 0
+        self._tags = tuple(engine.tokenizer.get_added_vocab())  # `</think>` and friends: one token each
+
+    async def feed(self, text: str) -> list[TraceStep]:
+        """Append `text`; return the steps of the tokens that are now settled."""
+        self._text += text
+        return await self._advance(final=False)
+
+    async def finish(self) -> list[TraceStep]:
+        """Forward what is left; the last step returned is final."""
+        return await self._advance(final=True)
+
+    async def _advance(self, final: bool) -> list[TraceStep]:
+        engine = self._engine
+        if self._prompt_ids is not None:
+            await asyncio.to_thread(engine._forward, self._prompt_ids, self._cache)
+            self._prompt_ids = None
+        end = len(self._text) if final else len(self._text) - partial_tag_length(self._text, self._tags)
+        encoded = engine.tokenizer(self._text[self._covered : end], add_special_tokens=False, return_offsets_mapping=True)
+        take = len(encoded["input_ids"]) - (0 if final else 1)
+        if take <= 0:
+            return []
+        new = list(encoded["input_ids"][:take])
+        self._covered += int(encoded["offset_mapping"][take - 1][1])
+        _, values = await asyncio.to_thread(engine._forward, new, self._cache)
+        steps = []
+        for i, token in enumerate(new):
+            last = final and i == take - 1
+            steps.append(engine._step(self._session_id, self._index, token, self._decoder, self._tracker, _row(values, i), last))
+            self._index += 1
+        return steps

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from monitor.types import Channel
@@ -13,6 +14,19 @@ THINK_CLOSE = "</think>"
 def opens_reasoning(prompt_text: str) -> bool:
     """True when the rendered prompt leaves a `<think>` block open (R1 chat templates do)."""
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
+
+
+def partial_tag_length(text: str, tags: Sequence[str] = (THINK_OPEN, THINK_CLOSE)) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of one of `tags`.
+
+    Text that may still become a tag is held back until the next piece shows whether it does.
+    """
+    longest = max((len(t) for t in tags), default=0)
+    for n in range(min(len(text), longest - 1), 0, -1):
+        tail = text[-n:]
+        if any(t.startswith(tail) and t != tail for t in tags):
+            return n
+    return 0
 
 
 def compose_assistant_text(reasoning: str, answer: str, prompt_opens_reasoning: bool) -> str:

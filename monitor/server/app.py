@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
 from monitor.server.protocol import APIError, error_body
@@ -127,6 +128,11 @@ def create_app(
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = "not_found" if exc.status_code == 404 else None
         return JSONResponse(error_body(str(exc.detail), code=code), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(EngineError)
+    async def engine_failed(request: Request, exc: EngineError) -> JSONResponse:
+        log.error("engine_failed", path=request.url.path, error=str(exc))
+        return JSONResponse(error_body(str(exc), type="upstream_error"), status_code=502)
 
     @app.exception_handler(Exception)
     async def crashed(request: Request, exc: Exception) -> JSONResponse:

@@ -25,6 +25,7 @@ from monitor.server.protocol import (
     chunk,
     completion,
     cotmon_object,
+    error_body,
     finish_reason,
     flags_json,
     usage,
@@ -139,7 +140,7 @@ async def _sse(
     """SSE chunks: role, then reasoning/content deltas, then a final chunk with the `cotmon` object."""
     created = int(time.time())
     splitter = DeltaSplitter()
-    try:
+    try:  # headers are sent already: a failure becomes an error event, never a dropped stream
         yield _data(chunk(completion_id, s.model_name, created, {"role": "assistant", "content": ""}))
         async with aclosing(session.events()) as events:
             async for event in events:
@@ -159,6 +160,9 @@ async def _sse(
             yield _data(
                 {**chunk(completion_id, s.model_name, created, {}), "choices": [], "usage": usage(prompt_tokens, transcript)}
             )
+        yield "data: [DONE]\n\n"
+    except Exception as exc:
+        yield _data(error_body(f"generation failed: {exc}", type="server_error"))
         yield "data: [DONE]\n\n"
     finally:
         s.admission.leave()

@@ -7,7 +7,9 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
+from monitor.engine.upstream import UpstreamEngine
 from monitor.observability import Metrics, default_metrics, get_logger
 from monitor.pipeline import JsonlTranscriptSink, Pipeline
 from monitor.policy import Policy, load_policy
@@ -33,9 +35,19 @@ def probe_specs(directory: Path | None) -> list[DetectorSpec]:
 
 def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics | None = None) -> Pipeline:
     """Engine + detectors from `settings.probes` + policy (the given one, or `default_policy`)."""
-    engine = HFEngine.load(
-        settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision, seed=settings.seed
+    reader = HFEngine.load(
+        settings.reader or settings.model,
+        device=settings.device,
+        dtype=settings.dtype,
+        revision=settings.revision,
+        seed=settings.seed,
     )
+    engine: Engine = reader
+    if settings.engine == "upstream":
+        if not settings.upstream_url:
+            raise ValueError("the upstream engine needs --upstream-url (COTMON_UPSTREAM_URL)")
+        model = settings.upstream_model or settings.served_model_name or settings.model
+        engine = UpstreamEngine(settings.upstream_url, reader, model=model, api_key=settings.upstream_api_key)
     specs = probe_specs(settings.probes)
     if specs:
         policy = load_policy(settings.policy or default_policy)

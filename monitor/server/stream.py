@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 
-from monitor.engine.text import THINK_CLOSE, THINK_OPEN
+from monitor.engine.text import THINK_CLOSE, THINK_OPEN, partial_tag_length
 from monitor.types import Channel, TraceStep
 
 
@@ -23,7 +23,7 @@ class DeltaSplitter:
             reasoning, self._pending = self._pending, ""
             return reasoning, text
         buffered = (self._pending + text).replace(THINK_OPEN, "").replace(THINK_CLOSE, "")
-        hold = _tag_prefix_length(buffered)
+        hold = partial_tag_length(buffered)
         self._pending = buffered[len(buffered) - hold :] if hold else ""
         return buffered[: len(buffered) - hold], ""
 
@@ -43,12 +43,3 @@ def split_steps(steps: Iterable[TraceStep]) -> tuple[str, str]:
         content.append(c)
     reasoning.append(splitter.flush())
     return "".join(reasoning), "".join(content)
-
-
-def _tag_prefix_length(text: str) -> int:
-    """Length of the longest suffix of `text` that is a proper prefix of a think tag."""
-    for n in range(min(len(text), len(THINK_CLOSE) - 1), 0, -1):
-        tail = text[-n:]
-        if THINK_CLOSE.startswith(tail) or THINK_OPEN.startswith(tail):
-            return n
-    return 0

@@ -81,3 +81,19 @@ def test_a_model_that_cannot_be_loaded_gives_a_clear_error(tmp_path: Path) -> No
 def test_an_unknown_dtype_is_refused() -> None:
     with pytest.raises(EngineError, match="unknown dtype 'float7'"):
         HFEngine.load("tiny", dtype="float7")
+
+
+@pytest.mark.parametrize("piece", [1, 3, 7, 1000])
+async def test_forcing_text_in_pieces_equals_teacher_forcing_it_whole(engine: HFEngine, piece: int) -> None:
+    _install(engine)
+    text = "I did not run the tests.\n</think>\n\nAll 112 tests pass."
+    whole = [s async for s in engine.teacher_force(MESSAGES, text)]
+    forcer = engine.forcer(MESSAGES, "s")
+    pieces = []
+    for start in range(0, len(text), piece):
+        pieces += await forcer.feed(text[start : start + piece])
+    pieces += await forcer.finish()
+    assert [s.token_id for s in pieces] == [s.token_id for s in whole]
+    assert [s.channel for s in pieces] == [s.channel for s in whole] and pieces[-1].final
+    worst = max(abs(a.readouts[k] - b.readouts[k]) for a, b in zip(pieces, whole, strict=True) for k in a.readouts)
+    assert worst <= 1e-4

@@ -1,0 +1,185 @@
+"""Serving throughput and time-to-first-token through the HTTP API, monitoring on vs off.
+
+Two cotmon servers run in this process on loopback ports, each on its own HFEngine (same model).
+"on": two random linear probes (deception_probe on layer 1, harmful_probe on layer 2) and the
+bundled default policy, with scores kept low so that every rule runs and none fires; "off": no
+detectors, no rules. At 1, 8 and 32 concurrent clients (official `openai.AsyncOpenAI`, streaming,
+temperature 0), each client sends --requests-per-client requests one after another; that batch
+is a round. Rounds alternate off/on in ABBA order so that machine noise hits both modes alike.
+Per cell it prints the median over rounds of tokens/s (all completion tokens, from the usage
+chunk, / the batch's wall time) and the p50/p99 TTFT pooled over rounds (request sent -> first
+SSE chunk carrying reasoning or content text). Per-session log lines are off in both modes.
+
+    .venv/bin/python bench/serve.py                          # tiny model, CPU
+    .venv/bin/python bench/serve.py --rounds 1 --tokens 16   # quick check
+    .venv/bin/python bench/serve.py --device cuda --model <hub id or path>
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from openai import AsyncOpenAI
+from prometheus_client import CollectorRegistry
+from rich.console import Console
+from rich.table import Table
+
+from monitor.engine.hf import HFEngine
+from monitor.observability import Metrics, configure_logging
+from monitor.pipeline import Pipeline
+from monitor.policy import load_policy
+from monitor.server.app import create_app
+from monitor.server.serve import NO_RULES, probe_specs
+from monitor.settings import Settings
+from monitor.testing import ServerThread
+from monitor.types import ModelInfo
+from policies import bundled_policy
+from probes.linear import LinearProbe, ProbeMetadata
+
+PROMPT = "Plan the database migration and report whether the tests passed."
+CONCURRENCY = (1, 8, 32)
+MODES = ("off", "on")
+
+
+@dataclass
+class Cell:
+    """What one (concurrency, mode) pair collected over its rounds."""
+
+    rates: list[float] = field(default_factory=list)
+    ttfts: list[float] = field(default_factory=list)
+    requests: int = 0
+    halted: int = 0
+
+
+def write_probes(directory: Path, info: ModelInfo) -> None:
+    """Random probe artifacts named as the default policy expects (as tests/conftest.py make_probe).
+
+    The bias is pushed far down so that scores stay near 0: every rule is evaluated on every token
+    but none fires (benign traffic), and no halt cuts the monitored streams short.
+    """
+    for seed, (name, category, layer) in enumerate([("deception_probe", "deception", 1), ("harmful_probe", "harmful", 2)]):
+        rng = np.random.default_rng(seed)
+        meta = ProbeMetadata(name, category, info.model_id, info.revision, layer, info.d_model, threshold=0.5, target_fpr=0.01)
+        LinearProbe(
+            meta=meta,
+            direction=rng.standard_normal(info.d_model).astype(np.float32),
+            bias=float(rng.standard_normal()) - 100.0,
+            mean=rng.standard_normal(info.d_model).astype(np.float32) * 0.1,
+            scale=rng.uniform(0.5, 2.0, info.d_model).astype(np.float32),
+        ).save(directory / name)
+
+
+def start_server(stack: ExitStack, args: argparse.Namespace, monitored: bool, tmp: Path) -> str:
+    """A server for one mode on its own engine and metrics registry; returns its base URL."""
+    engine = HFEngine.load(args.model, device=args.device)
+    probes = tmp / "probes"
+    if monitored:
+        write_probes(probes, engine.info)
+    specs = probe_specs(probes) if monitored else []
+    policy = load_policy(bundled_policy("default")) if monitored else NO_RULES
+    settings = Settings.load({}, data_dir=tmp / ("on" if monitored else "off"), max_concurrent=64)
+    pipeline = Pipeline(engine, specs, policy, metrics=Metrics(CollectorRegistry()))
+    return stack.enter_context(ServerThread(create_app(settings, pipeline, model_name="bench"))).base_url
+
+
+async def one_request(client: AsyncOpenAI, tokens: int) -> tuple[float | None, int, bool]:
+    """(TTFT in s or None if no text came, completion tokens, halted by the policy) of one stream."""
+    sent = time.perf_counter()
+    ttft, completion, halted = None, 0, False
+    stream = await client.chat.completions.create(
+        model="bench",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=tokens,
+        temperature=0,
+        stream=True,
+        stream_options={"include_usage": True},
+    )
+    async for chunk in stream:
+        for choice in chunk.choices:
+            if ttft is None and (choice.delta.content or getattr(choice.delta, "reasoning", None)):
+                ttft = time.perf_counter() - sent
+            halted |= choice.finish_reason == "content_filter"
+        if chunk.usage is not None:
+            completion = chunk.usage.completion_tokens
+    return ttft, completion, halted
+
+
+async def run_round(client: AsyncOpenAI, cell: Cell, concurrency: int, per_client: int, tokens: int) -> None:
+    """`concurrency` clients, each sending `per_client` requests in turn; adds the round to `cell`."""
+
+    async def one_client() -> list[tuple[float | None, int, bool]]:
+        return [await one_request(client, tokens) for _ in range(per_client)]
+
+    start = time.perf_counter()
+    results = [r for batch in await asyncio.gather(*(one_client() for _ in range(concurrency))) for r in batch]
+    wall = time.perf_counter() - start
+    cell.rates.append(sum(n for _, n, _ in results) / wall)
+    cell.ttfts.extend(t for t, _, _ in results if t is not None)
+    cell.requests += len(results)
+    cell.halted += sum(h for _, _, h in results)
+
+
+async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
+    cells = {(c, mode): Cell() for c in CONCURRENCY for mode in MODES}
+    async with (
+        AsyncOpenAI(base_url=f"{urls['off']}/v1", api_key="unused", max_retries=0, timeout=600) as off,
+        AsyncOpenAI(base_url=f"{urls['on']}/v1", api_key="unused", max_retries=0, timeout=600) as on,
+    ):
+        clients = {"off": off, "on": on}
+        for client in clients.values():
+            await one_request(client, args.tokens)  # warm-up
+        for concurrency in CONCURRENCY:
+            for r in range(args.rounds):
+                for mode in MODES if r % 2 == 0 else MODES[::-1]:  # ABBA: order effects cancel
+                    cell = cells[concurrency, mode]
+                    await run_round(clients[mode], cell, concurrency, args.requests_per_client, args.tokens)
+    return cells
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="tiny", help="hub id, local path, or tiny")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds per (concurrency, mode) cell")
+    parser.add_argument("--requests-per-client", type=int, default=2, help="sequential requests per client per round")
+    args = parser.parse_args()
+    configure_logging(json=False, level="warning")  # no per-session log lines in either mode
+    began = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
+        urls = {mode: start_server(stack, args, mode == "on", Path(tmp)) for mode in MODES}
+        cells = asyncio.run(measure(urls, args))
+    table = Table(
+        title=f"cotmon serving, {args.model} on {args.device}, max_tokens {args.tokens}, "
+        f"{args.requests_per_client} requests/client/round, {args.rounds} alternating rounds"
+    )
+    columns = ("concurrency", "monitoring", "requests", "tok/s total", "p50 TTFT ms", "p99 TTFT ms", "on/off tok/s")
+    for col in columns:
+        table.add_column(col, justify="right")
+    for concurrency in CONCURRENCY:
+        for mode in MODES:
+            cell = cells[concurrency, mode]
+            rate = statistics.median(cell.rates)
+            p50, p99 = np.percentile(cell.ttfts, [50, 99]) * 1000 if cell.ttfts else (float("nan"),) * 2
+            ratio = f"{rate / statistics.median(cells[concurrency, 'off'].rates):.3f}" if mode == "on" else ""
+            table.add_row(str(concurrency), mode, str(cell.requests), f"{rate:.1f}", f"{p50:.1f}", f"{p99:.1f}", ratio)
+        if concurrency != CONCURRENCY[-1]:
+            table.add_section()
+    Console(width=130).print(table)
+    halted = sum(cell.halted for cell in cells.values())
+    if halted:
+        print(f"note: the policy halted {halted} monitored streams early (their tokens still count)")
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, took {time.perf_counter() - began:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
