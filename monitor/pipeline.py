@@ -25,6 +25,7 @@ from monitor.engine.base import Engine
 from monitor.observability import Metrics, default_metrics, get_logger
 from monitor.policy import Policy, PolicyEvaluator, parse_policy
 from monitor.types import (
+    Channel,
     ChatMessage,
     Detection,
     DetectorSpec,
@@ -224,6 +225,16 @@ def max_scores(detections: Sequence[Detection]) -> dict[str, float]:
         if det.score > best.get(det.detector, -1.0):
             best[det.detector] = det.score
     return best
+
+
+def mean_scores(t: Transcript, channel: Channel = "reasoning") -> dict[str, float]:
+    """Mean score per detector over the tokens of one channel (a transcript-level score)."""
+    in_channel = {s.index for s in t.steps if s.channel == channel}
+    sums: dict[str, list[float]] = {}
+    for det in t.detections:
+        if det.start in in_channel:
+            sums.setdefault(det.detector, []).append(det.score)
+    return {name: sum(v) / len(v) for name, v in sums.items()}
 
 
 def session_summary(t: Transcript) -> dict[str, Any]:

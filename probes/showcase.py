@@ -3,8 +3,9 @@
 1. load the model (the tiny one built in code unless --model names another);
 2. train a deception probe and a harmful-planning probe on bundled contrast data plus the
    train split of the bundled example transcripts, calibrated at 1% FPR;
-3. teacher-force every example transcript through engine -> probes -> policy -> sinks;
-4. run one live generation through the same pipeline;
+3. start the OpenAI-compatible server on a loopback port and, as an agent would, send every
+   example transcript to watch mode (teacher-forced: engine -> probes -> policy -> sinks);
+4. run one live streaming chat through it with the official openai client;
 5. print a table per transcript, each probe's AUROC on the held-back test split, and metrics.
 """
 
@@ -13,10 +14,13 @@ from __future__ import annotations
 import asyncio
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-import numpy as np
-from prometheus_client import CollectorRegistry, generate_latest
+import httpx
+from openai import AsyncOpenAI
+from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import Progress
@@ -25,10 +29,12 @@ from sklearn.metrics import roc_auc_score
 
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
-from monitor.pipeline import JsonlTranscriptSink, Pipeline, max_scores
+from monitor.pipeline import JsonlTranscriptSink, Pipeline
 from monitor.policy import load_policy
+from monitor.server.app import create_app
 from monitor.settings import Settings
-from monitor.types import ChatMessage, DetectorSpec, GenerationRequest, Transcript
+from monitor.testing import ServerThread
+from monitor.types import ChatMessage, DetectorSpec
 from policies import bundled_policy
 from probes.datasets import Example, examples_as_training, load_contrast, load_examples
 from probes.train import LayerResult, train_probe
@@ -65,7 +71,6 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     console.print(f"  {info.model_id} rev {info.revision}: d_model {info.d_model}, {info.n_layers} layers, on {engine.device}")
     layers = [int(x) for x in layers_opt.split(",")] if layers_opt else default_layers(info.n_layers)
     examples = load_examples()
-    opened = engine.prompt_opens_reasoning(examples[0].messages)
 
     specs = []
     for name, category, contrast, positive in PROBES:
@@ -93,40 +98,81 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     transcripts_path.unlink(missing_ok=True)
     policy_path = settings.policy or bundled_policy("default")
     pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[JsonlTranscriptSink(transcripts_path)])
-
-    results: list[tuple[Example, Transcript]] = []
-    with Progress(console=console, transient=True) as bar:
-        task = bar.add_task("monitoring example transcripts", total=len(examples))
-        for ex in examples:
-            session = pipeline.teacher_force(ex.messages, ex.assistant_text(opened), session_id=ex.id)
-            results.append((ex, await session.run()))
-            bar.advance(task)
-    _print_transcripts(console, results, [s.name for s in specs])
-    _print_auroc(console, results)
-
-    console.print(
-        "\n[bold]Live generation[/bold] through the same pipeline (sampled; a 48-token reasoning budget closes the think "
-        "block; the random model's end-of-sequence token is ignored so that the answer channel shows)"
-    )
-    live = await pipeline.generate(
-        GenerationRequest(
-            LIVE_PROMPT, max_tokens=96, temperature=0.8, seed=settings.seed, max_reasoning_tokens=48, ignore_eos=True
+    with ServerThread(create_app(settings, pipeline, metrics=metrics, model_name=info.model_id)) as server:
+        console.print(
+            f"\ncotmon is serving {info.model_id!r} at {server.base_url}/v1 (OpenAI-compatible); "
+            f"metrics: {server.base_url}/metrics"
         )
-    ).run()
-    console.print(f"  reasoning: {escape(repr(live.reasoning[:160]))}")
-    console.print(f"  answer:    {escape(repr(live.answer[:160]))}")
-    console.print(f"  outcome {live.outcome}, {len(live.steps)} tokens, flags: {', '.join(f.rule for f in live.flags) or 'none'}")
-
-    exposition = generate_latest(registry).decode()
+        await _drive(console, server.base_url, info.model_id, examples, [s.name for s in specs], settings.seed)
+        exposition = (await asyncio.to_thread(httpx.get, server.base_url + "/metrics")).text
     interesting = [
         line
         for line in exposition.splitlines()
         if line.startswith(("cotmon_flags_total", "cotmon_halts_total", "cotmon_sessions_total", "cotmon_tokens_total"))
     ]
-    console.print("\n[bold]Prometheus metrics[/bold] (excerpt of the exposition)")
+    console.print("\n[bold]Prometheus metrics[/bold] (excerpt of GET /metrics)")
     for line in interesting:
         console.print(f"  {line}")
     console.print(f"\nFlagged transcripts stored in {transcripts_path}; probe artifacts in {out / 'probes'}")
+
+
+@dataclass(frozen=True)
+class Scored:
+    """What watch mode (POST /v1/monitor/transcripts) said about one example."""
+
+    example: Example
+    reply: dict[str, Any]
+
+
+async def _drive(
+    console: Console, base_url: str, model: str, examples: Sequence[Example], detectors: list[str], seed: int
+) -> None:
+    """Act as the agent's side: watch mode for the examples, one live chat with the openai client."""
+    scored = []
+    async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task("monitoring example transcripts (POST /v1/monitor/transcripts)", total=len(examples))
+            for ex in examples:
+                payload = {
+                    "model": model,
+                    "messages": [m.to_dict() for m in ex.messages],
+                    "reasoning": ex.reasoning,
+                    "answer": ex.answer,
+                    "session_id": ex.id,
+                }
+                reply = await http.post("/v1/monitor/transcripts", json=payload)
+                reply.raise_for_status()
+                scored.append(Scored(ex, reply.json()))
+                bar.advance(task)
+    _print_transcripts(console, scored, detectors)
+    _print_auroc(console, scored)
+
+    console.print(
+        "\n[bold]Live generation[/bold] with the official openai client (streaming; sampled; a 48-token reasoning budget "
+        "closes the think block; the random model's end-of-sequence token is ignored so that the answer channel shows)"
+    )
+    reasoning, answer, last = [], [], None
+    async with AsyncOpenAI(base_url=base_url + "/v1", api_key="demo", max_retries=0) as client:
+        stream = await client.chat.completions.create(
+            model=model,
+            messages=[m.to_dict() for m in LIVE_PROMPT],
+            max_tokens=96,
+            temperature=0.8,
+            seed=seed,  # type: ignore[misc]
+            stream=True,
+            extra_body={"max_reasoning_tokens": 48, "ignore_eos": True},
+        )
+        async for chunk in stream:
+            last = chunk
+            if chunk.choices:
+                reasoning.append((chunk.choices[0].delta.model_extra or {}).get("reasoning", ""))
+                answer.append(chunk.choices[0].delta.content or "")
+    cotmon = (last.model_extra or {}).get("cotmon", {}) if last is not None else {}
+    finish = last.choices[0].finish_reason if last is not None and last.choices else None
+    console.print(f"  delta.reasoning: {escape(repr(''.join(reasoning)[:160]))}")
+    console.print(f"  delta.content:   {escape(repr(''.join(answer)[:160]))}")
+    flags = ", ".join(f["rule"] for f in cotmon.get("flags", [])) or "none"
+    console.print(f"  finish_reason {finish}, session {cotmon.get('session_id')}, flags: {flags}")
 
 
 def _print_layers(console: Console, name: str, results: Sequence[LayerResult], chosen: int, threshold: float) -> None:
@@ -141,47 +187,41 @@ def _print_layers(console: Console, name: str, results: Sequence[LayerResult], c
     console.print(f"  threshold at 1% token FPR on benign validation tokens: {threshold:.4f}")
 
 
-def _print_transcripts(console: Console, results: Sequence[tuple[Example, Transcript]], detectors: Sequence[str]) -> None:
+def _print_transcripts(console: Console, results: Sequence[Scored], detectors: Sequence[str]) -> None:
     table = Table(
-        title="Example transcripts, teacher-forced through the pipeline "
+        title="Example transcripts, scored in watch mode through the server "
         "(halted: a halt rule would have stopped the generation at that token)",
         title_justify="left",
     )
     for col in ("id", "label", "split", "tokens scored", *[f"max {d}" for d in detectors], "flags", "outcome"):
         table.add_column(col, justify="right" if col == "tokens scored" or col.startswith("max") else "left")
-    for ex, t in results:
-        best = max_scores(t.detections)
+    for r in results:
+        best = r.reply["max_scores"]
         table.add_row(
-            ex.id,
-            ex.label,
-            ex.split,
-            str(len(t.steps)),
+            r.example.id,
+            r.example.label,
+            r.example.split,
+            str(r.reply["tokens"]),
             *[f"{best.get(d, math.nan):.3f}" for d in detectors],
-            ", ".join(f.rule for f in t.flags) or "-",
-            t.outcome,
+            ", ".join(f["rule"] for f in r.reply["flags"]) or "-",
+            r.reply["outcome"],
         )
     console.print(table)
 
 
-def reasoning_mean(t: Transcript, detector: str) -> float:
-    """A transcript's score for AUROC: the mean of a detector's token scores over the reasoning."""
-    reasoning = {s.index for s in t.steps if s.channel == "reasoning"}
-    scores = [d.score for d in t.detections if d.detector == detector and d.start in reasoning]
-    return float(np.mean(scores)) if scores else math.nan
-
-
-def _print_auroc(console: Console, results: Sequence[tuple[Example, Transcript]]) -> None:
+def _print_auroc(console: Console, results: Sequence[Scored]) -> None:
     table = Table(
-        title="AUROC on the held-back test split of the examples (tiny random model: plumbing, not evidence)",
+        title="AUROC on the held-back test split of the examples, score = mean over the reasoning tokens "
+        "(tiny random model: plumbing, not evidence)",
         title_justify="left",
     )
     table.add_column("probe")
     table.add_column("positives vs honest", justify="right")
     table.add_column("AUROC", justify="right")
     for name, _, _, positive in PROBES:
-        test = [(ex, t) for ex, t in results if ex.split == "test" and ex.label in (positive, "honest")]
-        y = [int(ex.label == positive) for ex, _ in test]
-        scores = [reasoning_mean(t, name) for _, t in test]
+        test = [r for r in results if r.example.split == "test" and r.example.label in (positive, "honest")]
+        y = [int(r.example.label == positive) for r in test]
+        scores = [r.reply["reasoning_mean_scores"].get(name, math.nan) for r in test]
         auroc = roc_auc_score(y, scores) if len(set(y)) == 2 else math.nan
         table.add_row(name, f"{sum(y)} vs {len(y) - sum(y)}", f"{auroc:.3f}")
     console.print(table)

@@ -79,6 +79,7 @@ class ChatCompletionRequest(BaseModel):
     top_p: float | None = Field(None, gt=0.0, le=1.0)
     seed: int | None = None
     n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
+    ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence tokens.")
     max_reasoning_tokens: int | None = Field(
         None, ge=1, description="cotmon extension: reasoning budget; when spent, the think block is closed."
     )

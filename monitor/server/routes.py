@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
-from monitor.pipeline import Session, max_scores
+from monitor.pipeline import Session, max_scores, mean_scores
 from monitor.server.app import ServerState
 from monitor.server.protocol import (
     APIError,
@@ -107,6 +107,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         top_p=1.0 if body.top_p is None else body.top_p,
         seed=body.seed,
         max_reasoning_tokens=body.max_reasoning_tokens,
+        ignore_eos=body.ignore_eos,
         session_id=uuid.uuid4().hex,
     )
     prompt_tokens = s.pipeline.engine.prompt_tokens(messages)
@@ -203,6 +204,7 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
             "tokens": len(transcript.steps),
             "flags": flags_json(transcript.flags),
             "max_scores": max_scores(transcript.detections),
+            "reasoning_mean_scores": mean_scores(transcript, "reasoning"),
         },
         headers={SESSION_HEADER: transcript.session_id},
     )

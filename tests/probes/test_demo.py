@@ -15,7 +15,8 @@ def test_demo_runs_the_whole_loop_and_prints_the_tables(tmp_path: Path) -> None:
     assert result.exit_code == 0, result.output
     out = result.output
     assert "per-layer AUROC" in out and "Example transcripts" in out and "AUROC on the held-back test split" in out
-    assert "Live generation" in out and "cotmon_tokens_total" in out
+    assert "Live generation" in out and "cotmon_tokens_total" in out and "/v1 (OpenAI-compatible)" in out
+    assert "finish_reason length" in out
     assert "Next:" not in out  # --exit skips the what-to-try-next notes
     demo_dir = tmp_path / "demo"
     for name in ("deception_probe", "harmful_probe"):
