@@ -62,6 +62,8 @@ class UpstreamEngine:
         }
         if request.seed is not None:
             payload["seed"] = request.seed
+        if request.ignore_eos:
+            payload["ignore_eos"] = True  # a vLLM extension, which cotmon also accepts
         return payload
 
     async def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:

@@ -7,6 +7,7 @@ shape rather than a dropped connection. The routes themselves live in `monitor.s
 from __future__ import annotations
 
 import asyncio
+import traceback
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -89,6 +90,39 @@ class BodyLimit:
         await self.app(scope, counted, send)
 
 
+class CrashGuard:
+    """An unexpected exception becomes a logged 500 with an OpenAI-style body, and goes no further.
+
+    (Starlette's own handler for `Exception` re-raises after answering, which makes the server
+    log a traceback and drop the keep-alive connection.) Once a response has started, e.g. a
+    stream, nothing more can be said on it; the route turns its failures into SSE error events.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.log = get_logger("cotmon.server")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking)
+        except Exception as exc:
+            self.log.error(
+                "request_failed", path=scope.get("path"), error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()
+            )
+            if not started:
+                await _send_error(send, APIError(500, "internal error", type="server_error"))
+
+
 async def _send_error(send: Send, err: APIError) -> None:
     response = JSONResponse(err.body(), status_code=err.status, headers=err.headers)
     await send({"type": "http.response.start", "status": response.status_code, "headers": response.raw_headers})
@@ -134,10 +168,6 @@ def create_app(
         log.error("engine_failed", path=request.url.path, error=str(exc))
         return JSONResponse(error_body(str(exc), type="upstream_error"), status_code=502)
 
-    @app.exception_handler(Exception)
-    async def crashed(request: Request, exc: Exception) -> JSONResponse:
-        log.error("request_failed", path=request.url.path, error=f"{type(exc).__name__}: {exc}")
-        return JSONResponse(error_body("internal error", type="server_error"), status_code=500)
-
+    app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
     return app

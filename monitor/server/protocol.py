@@ -77,7 +77,7 @@ class ChatCompletionRequest(BaseModel):
     max_completion_tokens: int | None = Field(None, ge=1)
     temperature: float | None = Field(None, ge=0.0, le=2.0)
     top_p: float | None = Field(None, gt=0.0, le=1.0)
-    seed: int | None = None
+    seed: int | None = Field(None, ge=-(2**63), lt=2**64)
     n: int | None = Field(None, ge=1, le=1, description="Only 1 is supported.")
     ignore_eos: bool = Field(False, description="vLLM extension: keep generating past end-of-sequence tokens.")
     max_reasoning_tokens: int | None = Field(

@@ -97,3 +97,14 @@ async def test_forcing_text_in_pieces_equals_teacher_forcing_it_whole(engine: HF
     assert [s.channel for s in pieces] == [s.channel for s in whole] and pieces[-1].final
     worst = max(abs(a.readouts[k] - b.readouts[k]) for a, b in zip(pieces, whole, strict=True) for k in a.readouts)
     assert worst <= 1e-4
+
+
+@pytest.mark.parametrize(
+    ("temperature", "top_p", "seed"),
+    [(5e-324, 1.0, 1), (1e-40, 0.5, 2), (0.7, 5e-324, 3), (1.0, 1e-46, 2**70), (2.0, 1.0, -(2**65))],
+)
+async def test_extreme_but_valid_sampling_parameters_still_sample(
+    engine: HFEngine, temperature: float, top_p: float, seed: int
+) -> None:
+    request = GenerationRequest(MESSAGES, max_tokens=4, temperature=temperature, top_p=top_p, seed=seed)
+    assert len([s async for s in engine.stream(request)]) >= 1

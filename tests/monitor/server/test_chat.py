@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -14,6 +15,8 @@ import pytest
 from conftest import HALT_AT_FIFTH, Serve
 from monitor.pipeline import read_transcripts
 from monitor.server.routes import SESSION_HEADER
+from monitor.testing import ScriptedEngine
+from monitor.types import TraceStep
 from probes.datasets import load_examples
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Did the deployment succeed?"}]
@@ -71,7 +74,11 @@ def test_streamed_and_non_streamed_text_agree(serve: Serve) -> None:
 
 def test_a_halt_ends_the_stream_with_content_filter(serve: Serve) -> None:
     server = serve(rules=[HALT_AT_FIFTH])
-    chunks = list(_client(server).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=50, stream=True))
+    chunks = list(
+        _client(server).chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=50, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     last = chunks[-1]
     assert last.choices[0].finish_reason == "content_filter"
     cotmon = (last.model_extra or {})["cotmon"]
@@ -83,7 +90,9 @@ def test_a_halt_ends_the_stream_with_content_filter(serve: Serve) -> None:
 
 def test_non_streaming_halt_reports_content_filter(serve: Serve) -> None:
     server = serve(rules=[HALT_AT_FIFTH])
-    response = _client(server).chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=50)
+    response = _client(server).chat.completions.create(
+        model="tiny", messages=MESSAGES, max_tokens=50, extra_body={"ignore_eos": True}
+    )
     assert response.choices[0].finish_reason == "content_filter"
     assert response.usage is not None and response.usage.completion_tokens == 5
 
@@ -174,7 +183,7 @@ def test_metrics_endpoint_exposes_the_session_counters(serve: Serve) -> None:
 
 def test_a_client_that_disconnects_stops_generation_and_is_recorded_as_aborted(serve: Serve) -> None:
     server = serve()
-    payload = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4000, "stream": True}
+    payload = {"model": "tiny", "messages": MESSAGES, "max_tokens": 4000, "stream": True, "ignore_eos": True}
     with httpx.stream("POST", server.base_url + "/v1/chat/completions", json=payload) as reply:
         lines = reply.iter_lines()
         for _ in range(6):
@@ -199,3 +208,22 @@ def test_sse_lines_are_data_events_ending_in_done(serve: Serve) -> None:
         events = [line for line in reply.iter_lines() if line]
     assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
     assert json.loads(events[0][6:])["choices"][0]["delta"]["role"] == "assistant"
+
+
+class ExplodingEngine(ScriptedEngine):
+    """Fails on its first token with an error nobody planned for."""
+
+    async def _play(self, session_id: str) -> AsyncGenerator[TraceStep, None]:
+        raise ZeroDivisionError("boom")
+        yield  # an async generator
+
+
+def test_an_unexpected_failure_is_a_500_body_and_the_connection_stays_usable(serve: Serve) -> None:
+    server = serve(use_engine=ExplodingEngine([("x", "answer")]))
+    with httpx.Client(base_url=server.base_url) as client:
+        reply = client.post("/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES})
+        assert reply.status_code == 500 and reply.json()["error"]["type"] == "server_error"
+        assert client.get("/healthz").status_code == 200
+        with client.stream("POST", "/v1/chat/completions", json={"model": "tiny", "messages": MESSAGES, "stream": True}) as s:
+            events = [line for line in s.iter_lines() if line]
+        assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"

@@ -72,7 +72,11 @@ def test_a_halt_closes_the_upstream_stream(serve: Serve) -> None:
         rules=[HALT_AT_FIFTH], use_engine=UpstreamEngine(upstream.base_url + "/v1", HFEngine.load("tiny"), model="tiny")
     )
     client = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
-    chunks = list(client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=2000, stream=True))
+    chunks = list(
+        client.chat.completions.create(
+            model="tiny", messages=MESSAGES, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+        )
+    )
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     value = upstream.metrics.registry.get_sample_value
     for _ in range(100):
