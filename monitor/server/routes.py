@@ -205,6 +205,10 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
             "flags": flags_json(transcript.flags),
             "max_scores": max_scores(transcript.detections),
             "reasoning_mean_scores": mean_scores(transcript, "reasoning"),
+            "detections": [
+                {"detector": d.detector, "category": d.category, "score": round(d.score, 6), "start": d.start, "end": d.end}
+                for d in transcript.detections
+            ],
         },
         headers={SESSION_HEADER: transcript.session_id},
     )

@@ -116,6 +116,7 @@ def test_watch_mode_scores_a_deceptive_example_like_the_in_process_pipeline(serv
     local = asyncio.run(server.pipeline.teacher_force(example.messages, example.assistant_text(True), session_id="local").run())
     assert body["flags"] == [f.to_dict() for f in local.flags] and body["flags"]
     assert body["tokens"] == len(local.steps) and reply.headers[SESSION_HEADER] == body["session_id"]
+    assert [d["score"] for d in body["detections"]] == pytest.approx([d.score for d in local.detections], abs=1e-5)
 
 
 def test_models_lists_the_served_model(serve: Serve) -> None:

@@ -80,3 +80,22 @@ def test_beyond_the_limit_a_request_gets_429_with_retry_after(serve: Serve, engi
     assert extra.status_code == 429 and extra.headers["retry-after"] == "1"
     assert extra.json()["error"]["type"] == "rate_limit_error"
     assert statuses == [200] * 32
+
+
+def test_queued_requests_wait_for_a_slot_and_the_next_one_is_refused(serve: Serve) -> None:
+    gate = threading.Event()
+    server = serve(use_engine=GatedEngine(gate), max_concurrent=1, max_queued=1)
+    payload = {"model": "tiny", "messages": MESSAGES, "max_tokens": 3}
+
+    async def run() -> tuple[list[int], int]:
+        async with httpx.AsyncClient(base_url=server.base_url, timeout=60) as client:
+            first = asyncio.create_task(client.post("/v1/chat/completions", json=payload))
+            queued = asyncio.create_task(client.post("/v1/chat/completions", json=payload))
+            while server.admission.inside < 2:
+                await asyncio.sleep(0.01)
+            refused = await client.post("/v1/chat/completions", json=payload)
+            gate.set()
+            return [r.status_code for r in await asyncio.gather(first, queued)], refused.status_code
+
+    served, refused = asyncio.run(run())
+    assert served == [200, 200] and refused == 429
