@@ -66,6 +66,7 @@ def demo(
     if not exit_when_done:
         console.print(
             "\nNext:\n"
+            f"  - serve with these probes:     cotmon serve --probes {out / 'probes'}   (then point an OpenAI client at /v1)\n"
             f"  - read a flagged transcript:   head -c 2000 {out / 'transcripts.jsonl'}\n"
             f"  - try the stricter policy:     cotmon policy check policies/strict.yaml\n"
             "  - a real model (needs the hub): cotmon demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n"
