@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import httpx
@@ -13,7 +13,7 @@ import openai
 from conftest import Serve
 from monitor.engine.hf import HFEngine
 from monitor.testing import ScriptedEngine
-from monitor.types import ChatMessage, GenerationRequest, TraceStep
+from monitor.types import TraceStep
 
 MESSAGES: list[Any] = [{"role": "user", "content": "Summarise the incident."}]
 
@@ -52,14 +52,6 @@ class GatedEngine(ScriptedEngine):
             await asyncio.sleep(0.005)
         async for step in super()._play(session_id):
             yield step
-
-    def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
-        return self._play(request.session_id)
-
-    def teacher_force(
-        self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
-    ) -> AsyncGenerator[TraceStep, None]:
-        return self._play(session_id)
 
 
 def test_beyond_the_limit_a_request_gets_429_with_retry_after(serve: Serve, engine: HFEngine) -> None:
