@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
@@ -115,3 +116,88 @@ def examples_as_training(examples: Sequence[Example], positive: ExampleLabel) ->
         for e in examples
         if e.split == "train" and e.label in (positive, "honest")
     ]
+
+
+def _field(row: Mapping[str, Any], path: str, where: str) -> Any:
+    """A possibly dotted field (`player.identity`) of a row."""
+    value: Any = row
+    for part in path.split("."):
+        if not isinstance(value, Mapping) or part not in value:
+            raise DatasetError(f"{where}: missing field {path!r}")
+        value = value[part]
+    return value
+
+
+def _rows(path: Path) -> Iterator[tuple[str, Mapping[str, Any]]]:
+    """(location, row) for every record of a JSONL, JSON (a list, or an object holding one) or CSV file."""
+    suffix = path.suffix.lower()
+    if suffix == ".csv":
+        with path.open(encoding="utf-8", newline="") as fh:
+            for lineno, row in enumerate(csv.DictReader(fh), 2):
+                yield f"{path}:{lineno}", row
+    elif suffix == ".json":
+        try:
+            data = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as exc:
+            raise DatasetError(f"{path}: not valid JSON ({exc})") from None
+        if isinstance(data, Mapping):
+            lists = [v for v in data.values() if isinstance(v, list)]
+            if len(lists) != 1:
+                raise DatasetError(f"{path}: expected a JSON list of records, or an object holding exactly one list")
+            data = lists[0]
+        if not isinstance(data, list):
+            raise DatasetError(f"{path}: expected a JSON list of records")
+        for i, row in enumerate(data):
+            if not isinstance(row, Mapping):
+                raise DatasetError(f"{path}: record {i} is not an object")
+            yield f"{path}: record {i}", row
+    else:  # .jsonl and anything else: one JSON object per line
+        for lineno, row in _read_jsonl(path):
+            if not isinstance(row, Mapping):
+                raise DatasetError(f"{path}:{lineno}: not a JSON object")
+            yield f"{path}:{lineno}", row
+
+
+def load_labelled_file(
+    path: str | Path,
+    *,
+    text_field: str = "text",
+    label_field: str = "label",
+    positive: str | None = None,
+    messages_field: str | None = "messages",
+    limit: int | None = None,
+) -> list[LabelledText]:
+    """Any user file as labelled texts, read in place (nothing is copied).
+
+    `text_field` is the assistant text (the CoT) to score; a row is positive when its
+    `label_field` equals `positive` (compared as text), or, without `positive`, when the label is
+    1/true. Dotted field names reach into nested objects. Rows with a `messages_field` list use it
+    as the prompt; others are scored after an empty chat.
+    """
+    source = Path(path)
+    if not source.is_file():
+        raise DatasetError(f"{source}: dataset file not found")
+    items = []
+    for where, row in _rows(source):
+        text = _field(row, text_field, where)
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{where}: field {text_field!r} must be non-empty text")
+        raw_label = _field(row, label_field, where)
+        if positive is not None:
+            label = int(str(raw_label) == positive)
+        elif str(raw_label).strip().lower() in ("1", "true", "1.0"):
+            label = 1
+        elif str(raw_label).strip().lower() in ("0", "false", "0.0"):
+            label = 0
+        else:
+            raise DatasetError(
+                f"{where}: field {label_field!r} is {raw_label!r}; pass --positive VALUE to say which value is positive"
+            )
+        raw_messages = row.get(messages_field) if messages_field else None
+        messages = _messages(raw_messages, where) if raw_messages is not None else ()
+        items.append(LabelledText(where, messages, text, label, where))
+        if limit is not None and len(items) >= limit:
+            break
+    if not items:
+        raise DatasetError(f"{source}: no records")
+    return items
