@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -84,3 +87,16 @@ def configure_logging(*, json: bool = True, level: str = "info", stream: TextIO 
 
 def get_logger(name: str = "cotmon") -> Any:
     return structlog.get_logger(name)
+
+
+@contextmanager
+def logging_to(path: Path, *, json: bool = True, level: str = "info") -> Iterator[None]:
+    """Send log lines to the file `path` for the block, then restore the previous configuration."""
+    saved = structlog.get_config()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as stream:
+        configure_logging(json=json, level=level, stream=stream)
+        try:
+            yield
+        finally:
+            structlog.configure(**saved)

@@ -42,7 +42,7 @@ def demo(
 
     from monitor.detector import DetectorError
     from monitor.engine.base import EngineError
-    from monitor.observability import configure_logging
+    from monitor.observability import logging_to
     from monitor.policy import PolicyError
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError
@@ -56,8 +56,7 @@ def demo(
     out = settings.data_dir / "demo"
     out.mkdir(parents=True, exist_ok=True)
     log_path = out / "cotmon.log"
-    with log_path.open("w") as log_stream:
-        configure_logging(json=settings.log_format == "json", level=settings.log_level, stream=log_stream)
+    with logging_to(log_path, json=settings.log_format == "json", level=settings.log_level):
         try:
             run(settings, console, out, layers, contrast_limit)
         except (EngineError, DetectorError, PolicyError, DatasetError) as exc:
