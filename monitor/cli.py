@@ -92,7 +92,8 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     "--probes",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Directory of probe artifacts; each becomes a linear_probe detector named after its file.",
+    help="Directory of probe artifacts (each becomes a linear_probe detector named after its file), or `auto`: the default "
+    "pack for the model, trained on bundled data on first use and cached by model id and revision.",
 )
 @click.option(
     "--policy",

@@ -16,6 +16,10 @@ from monitor.types import ChatMessage
 ExampleLabel = Literal["honest", "deceptive", "harmful_planning"]
 
 
+NO_PROMPT = (ChatMessage("user", ""),)
+"""The chat a text is scored after when its file gives none (chat templates need one message)."""
+
+
 class DatasetError(ValueError):
     """A dataset file that cannot be read; the message names the file and line."""
 
@@ -120,6 +124,8 @@ def examples_as_training(examples: Sequence[Example], positive: ExampleLabel) ->
 
 def _field(row: Mapping[str, Any], path: str, where: str) -> Any:
     """A possibly dotted field (`player.identity`) of a row."""
+    if path in row:  # a flat key that contains dots (CSV headers)
+        return row[path]
     value: Any = row
     for part in path.split("."):
         if not isinstance(value, Mapping) or part not in value:
@@ -172,7 +178,7 @@ def load_labelled_file(
     `text_field` is the assistant text (the CoT) to score; a row is positive when its
     `label_field` equals `positive` (compared as text), or, without `positive`, when the label is
     1/true. Dotted field names reach into nested objects. Rows with a `messages_field` list use it
-    as the prompt; others are scored after an empty chat.
+    as the prompt; others are scored after an empty user message.
     """
     source = Path(path)
     if not source.is_file():
@@ -194,10 +200,26 @@ def load_labelled_file(
                 f"{where}: field {label_field!r} is {raw_label!r}; pass --positive VALUE to say which value is positive"
             )
         raw_messages = row.get(messages_field) if messages_field else None
-        messages = _messages(raw_messages, where) if raw_messages is not None else ()
+        messages = _messages(raw_messages, where) if raw_messages is not None else NO_PROMPT
         items.append(LabelledText(where, messages, text, label, where))
         if limit is not None and len(items) >= limit:
             break
     if not items:
         raise DatasetError(f"{source}: no records")
+    return items
+
+
+def load_texts(path: str | Path, *, text_field: str = "text", limit: int | None = None) -> list[LabelledText]:
+    """A file of benign texts (a calibration control set): every row is a negative."""
+    source = Path(path)
+    if not source.is_file():
+        raise DatasetError(f"{source}: dataset file not found")
+    items = []
+    for where, row in _rows(source):
+        text = _field(row, text_field, where)
+        if not isinstance(text, str) or not text.strip():
+            raise DatasetError(f"{where}: field {text_field!r} must be non-empty text")
+        items.append(LabelledText(where, NO_PROMPT, text, 0, where))
+        if limit is not None and len(items) >= limit:
+            break
     return items

@@ -1,20 +1,26 @@
 """Training linear probes on residual-stream activations, and calibrating their threshold.
 
 Recipe (Apollo Research's deception probes): per-token activations of the response, a
-`StandardScaler` and an L2 logistic regression; an example's score is the mean of its token
-scores; the layer with the best validation AUROC wins; the threshold is the token score at
-which the benign (label 0) validation tokens have the target false-positive rate.
+`StandardScaler` and an L2 logistic regression whose strength is chosen by cross-validation
+grouped by text; an example's score is the mean of its token scores; the layer with the best
+validation AUROC wins; the threshold is the token score at which benign tokens (a control set,
+or the negative validation texts) have the target false-positive rate.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import numpy.typing as npt
-from sklearn.linear_model import LogisticRegression
+from safetensors.numpy import load_file, save_file
+from sklearn.linear_model import LogisticRegression, LogisticRegressionCV
 from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from monitor.engine.hf import HFEngine
@@ -39,19 +45,60 @@ class LayerResult:
     layer: int
     train_auroc: float
     val_auroc: float
+    c: float
+    """Inverse regularisation strength chosen by cross-validation."""
+
+
+class ActivationCache:
+    """Per-text activations on disk, keyed by model, revision, layers and the text itself.
+
+    Extraction writes one small safetensors file per text as it goes, so an interrupted run
+    resumes where it stopped, and a second training run over the same data reads from disk.
+    """
+
+    def __init__(self, root: Path, engine: HFEngine, layers: Sequence[int]):
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
+        self.dir = root / f"{slug}@{engine.info.revision}"
+        self.layers = tuple(layers)
+
+    def _path(self, item: LabelledText) -> Path:
+        key = json.dumps([[m.role, m.content] for m in item.messages] + [item.text, list(self.layers)])
+        return self.dir / f"{hashlib.sha256(key.encode()).hexdigest()[:32]}.safetensors"
+
+    def get(self, item: LabelledText) -> dict[int, npt.NDArray[np.float32]] | None:
+        path = self._path(item)
+        if not path.exists():
+            return None
+        tensors = load_file(str(path))
+        return {layer: tensors[f"layer{layer}"] for layer in self.layers}
+
+    def put(self, item: LabelledText, acts: dict[int, npt.NDArray[np.float32]]) -> None:
+        path = self._path(item)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({f"layer{layer}": np.ascontiguousarray(acts[layer]) for layer in self.layers}, str(tmp))
+        tmp.replace(path)  # atomic: a killed run never leaves a half-written entry
 
 
 def extract(
-    engine: HFEngine, items: Sequence[LabelledText], layers: Sequence[int], progress: Progress | None = None
+    engine: HFEngine,
+    items: Sequence[LabelledText],
+    layers: Sequence[int],
+    progress: Progress | None = None,
+    cache: ActivationCache | None = None,
 ) -> Activations:
     """Teacher-force each text after its messages and keep its tokens' activations."""
     chunks: dict[int, list[npt.NDArray[np.float32]]] = {layer: [] for layer in layers}
     labels, owner = [], []
     for i, item in enumerate(items):
-        acts = engine.capture(item.messages, item.text, layers)
+        acts = cache.get(item) if cache is not None else None
+        if acts is None:
+            acts = {layer: t.numpy() for layer, t in engine.capture(item.messages, item.text, layers).items()}
+            if cache is not None:
+                cache.put(item, acts)
         n = acts[layers[0]].shape[0]
         for layer in layers:
-            chunks[layer].append(acts[layer].numpy())
+            chunks[layer].append(acts[layer])
         labels.append(np.full(n, item.label))
         owner.append(np.full(n, i))
         if progress:
@@ -63,13 +110,30 @@ def extract(
     )
 
 
+REGULARISATION = (0.001, 0.01, 0.1, 1.0, 10.0)
+"""Inverse L2 strengths tried by cross-validation."""
+
+
 def fit(
-    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], c: float = 1.0, seed: int = 0
+    x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], groups: npt.NDArray[np.int64], seed: int = 0
 ) -> tuple[StandardScaler, LogisticRegression]:
-    """Standardise and fit an L2 logistic regression on token activations."""
+    """Standardise, pick C by 3-fold cross-validation grouped by text (token AUROC), then refit."""
     scaler = StandardScaler().fit(x)
-    model = LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(scaler.transform(x), y)
-    return scaler, model
+    z = scaler.transform(x)
+    folds = min(3, len(np.unique(groups)))
+    if folds < 2 or len(np.unique(y)) < 2:
+        return scaler, LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(z, y)
+    search = LogisticRegressionCV(
+        Cs=list(REGULARISATION),
+        cv=list(GroupKFold(n_splits=folds).split(z, y, groups)),
+        scoring="roc_auc",
+        max_iter=2000,
+        random_state=seed,
+        refit=True,
+        l1_ratios=(0.0,),  # plain L2
+        use_legacy_attributes=False,
+    ).fit(z, y)
+    return scaler, search
 
 
 def to_probe(scaler: StandardScaler, model: LogisticRegression, meta: ProbeMetadata) -> LinearProbe:
@@ -126,26 +190,46 @@ def train_probe(
     category: str,
     layers: Sequence[int],
     training_data: Sequence[str],
+    control: Sequence[LabelledText] = (),
     target_fpr: float = 0.01,
     val_fraction: float = 0.25,
     seed: int = 0,
+    cache_dir: Path | None = None,
     progress: Progress | None = None,
 ) -> tuple[LinearProbe, list[LayerResult]]:
-    """Train one probe per layer, keep the best by validation AUROC, calibrate its threshold."""
+    """Train one probe per layer, keep the best by validation AUROC, calibrate its threshold.
+
+    The threshold is set on `control` (benign texts; every token counts as a negative) when
+    given, else on the negative validation texts.
+    """
+    cache = ActivationCache(cache_dir, engine, layers) if cache_dir is not None else None
     train_items, val_items = split_by_group(items, val_fraction, seed)
-    train = extract(engine, train_items, layers, progress)
-    val = extract(engine, val_items, layers, progress)
+    train = extract(engine, train_items, layers, progress, cache)
+    val = extract(engine, val_items, layers, progress, cache)
     results, fitted = [], {}
     for layer in layers:
-        scaler, model = fit(train.by_layer[layer], train.labels, seed=seed)
+        scaler, model = fit(train.by_layer[layer], train.labels, train.item, seed=seed)
         fitted[layer] = (scaler, model)
         train_scores = model.predict_proba(scaler.transform(train.by_layer[layer]))[:, 1]
         val_scores = model.predict_proba(scaler.transform(val.by_layer[layer]))[:, 1]
-        results.append(LayerResult(layer, item_auroc(train_scores, train), item_auroc(val_scores, val)))
+        results.append(
+            LayerResult(
+                layer,
+                item_auroc(train_scores, train),
+                item_auroc(val_scores, val),
+                float(np.ravel(model.C_)[0]) if hasattr(model, "C_") else float(model.C),
+            )
+        )
     best = max(results, key=lambda r: (np.nan_to_num(r.val_auroc, nan=-1.0), -r.layer))
     scaler, model = fitted[best.layer]
-    val_scores = model.predict_proba(scaler.transform(val.by_layer[best.layer]))[:, 1]
-    threshold = calibrate(val_scores[val.labels == 0], target_fpr)
+    if control:
+        negatives = extract(engine, control, layers, progress, cache).by_layer[best.layer]
+        calibrated_on = "control set"
+    else:
+        negatives = val.by_layer[best.layer][val.labels == 0]
+        calibrated_on = "negative validation texts"
+    negative_scores = model.predict_proba(scaler.transform(negatives))[:, 1]
+    threshold = calibrate(negative_scores, target_fpr)
     meta = ProbeMetadata(
         name=name,
         category=category,
@@ -155,13 +239,15 @@ def train_probe(
         d_model=engine.info.d_model,
         threshold=threshold,
         target_fpr=target_fpr,
-        training_data=list(training_data),
+        training_data=[*training_data, f"threshold calibrated per token on the {calibrated_on}"],
         metrics={
             "train_auroc": best.train_auroc,
             "val_auroc": best.val_auroc,
+            "c": best.c,
             "train_items": float(len(train_items)),
             "val_items": float(len(val_items)),
-            "val_token_fpr_at_threshold": float(np.mean(val_scores[val.labels == 0] >= threshold)),
+            "calibration_tokens": float(len(negative_scores)),
+            "calibration_token_fpr": float(np.mean(negative_scores >= threshold)),
         },
     )
     return to_probe(scaler, model, meta), results

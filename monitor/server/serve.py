@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from importlib.metadata import entry_points
 from pathlib import Path
 
 import uvicorn
@@ -18,6 +19,18 @@ from monitor.settings import Settings
 from monitor.types import DetectorSpec
 
 NO_RULES = Policy(name="none", description="no detectors are configured", rules=(), source="<no policy>")
+
+
+AUTO = Path("auto")
+
+
+def auto_probes(engine: HFEngine, root: Path) -> Path:
+    """`--probes auto`: the installed default probe pack for this model, trained on first use."""
+    found = [ep for ep in entry_points(group="cotmon.probe_packs") if ep.name == "default"]
+    if not found:
+        raise FileNotFoundError("--probes auto needs a probe pack provider (entry point group cotmon.probe_packs)")
+    directory: Path = found[0].load()(engine, root)
+    return directory
 
 
 def probe_specs(directory: Path | None) -> list[DetectorSpec]:
@@ -48,7 +61,8 @@ def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics
             raise ValueError("the upstream engine needs --upstream-url (COTMON_UPSTREAM_URL)")
         model = settings.upstream_model or settings.served_model_name or settings.model
         engine = UpstreamEngine(settings.upstream_url, reader, model=model, api_key=settings.upstream_api_key)
-    specs = probe_specs(settings.probes)
+    probes = auto_probes(reader, settings.probes_dir) if settings.probes == AUTO else settings.probes
+    specs = probe_specs(probes)
     if specs:
         policy = load_policy(settings.policy or default_policy)
     elif settings.policy is not None:

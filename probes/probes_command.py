@@ -1,0 +1,64 @@
+"""`cotmon probes ...`: train linear probes for a model (the command only; the work is in probes.train)."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+
+@click.group()
+def probes() -> None:
+    """Train and inspect linear probes."""
+
+
+@probes.command("train")
+@click.option("--model", default=None, help="Hub id, local path, or `tiny` [tiny].")
+@click.option(
+    "--dataset",
+    required=True,
+    help="`deception` or `harmful` (bundled contrast sets, plus the examples' train split), or a JSONL/JSON/CSV path.",
+)
+@click.option("--text-field", default="text", show_default=True, help="Field with the assistant text (dotted for nesting).")
+@click.option("--label-field", default="label", show_default=True, help="Field with the label.")
+@click.option("--positive", default=None, help="Label value that is positive (default: 1/true).")
+@click.option(
+    "--control",
+    "control_path",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="Benign texts to calibrate the threshold on (every row counts as negative; --text-field names its text).",
+)
+@click.option("--layers", default=None, help="Comma-separated layers to try, e.g. 8,12,16 [a few middle layers].")
+@click.option("--name", default=None, help="Probe (detector) name [deception_probe / harmful_probe / the file's stem].")
+@click.option("--category", default=None, help="Category it detects [deception / harmful_planning / the name].")
+@click.option("--target-fpr", type=float, default=0.01, show_default=True, help="False-positive rate the threshold is set at.")
+@click.option("--limit", type=int, default=None, help="Use at most this many rows per label (bundled) or in all (files).")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the artifact.")
+@click.option(
+    "--cache",
+    "cache_dir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=None,
+    help="Activation cache (resumable) [.cotmon/activations].",
+)
+@click.option("--device", default=None, help="auto, cpu, cuda, ...")
+@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@click.option("--seed", type=int, default=None, help="Seed of the split and of the tiny model.")
+def train(**o: object) -> None:
+    """Train a probe: extract activations, fit per layer, pick the best, calibrate, save.
+
+    Example: cotmon probes train --model tiny --dataset deception --out probes-out
+
+    Activations of every text are cached on disk as they are extracted, so an interrupted run
+    resumes and a re-run is fast. The layer is chosen by validation AUROC (texts held out by
+    group); the threshold gives --target-fpr on the control set (or the negative validation texts).
+    """
+    from probes.train_run import run_training
+
+    try:
+        run_training(o)
+    except (ValueError, RuntimeError, FileNotFoundError) as exc:
+        raise click.ClickException(str(exc)) from None
+    sys.stdout.flush()

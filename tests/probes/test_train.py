@@ -1,0 +1,180 @@
+"""Probe training: recovery of a planted direction, calibration, sklearn equality, cache, CLI, auto pack."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from sklearn.metrics import roc_auc_score
+
+from monitor.cli import main
+from monitor.engine.hf import HFEngine
+from monitor.server.serve import AUTO, build_pipeline
+from monitor.settings import Settings
+from policies import bundled_policy
+from probes.datasets import load_contrast
+from probes.linear import ProbeMetadata
+from probes.pack import default_pack
+from probes.train import ActivationCache, calibrate, extract, fit, to_probe
+
+D = 32
+
+
+def _planted(rng: np.random.Generator, n: int, direction: np.ndarray, label: int) -> np.ndarray:
+    """Gaussian activations with a random offset; positives shifted along `direction`."""
+    base = rng.standard_normal((n, D)).astype(np.float32) * rng.uniform(0.5, 2.0, D).astype(np.float32) + 3.0
+    return base + (6.0 * direction if label else 0.0)
+
+
+@pytest.fixture
+def planted() -> tuple[np.ndarray, np.random.Generator]:
+    rng = np.random.default_rng(7)
+    direction = rng.standard_normal(D).astype(np.float32)
+    return direction / np.linalg.norm(direction), rng
+
+
+def test_training_recovers_a_planted_direction_and_calibrates_its_false_positive_rate(
+    planted: tuple[np.ndarray, np.random.Generator],
+) -> None:
+    direction, rng = planted
+    x = np.concatenate([_planted(rng, 3000, direction, 0), _planted(rng, 3000, direction, 1)])
+    y = np.array([0] * 3000 + [1] * 3000)
+    groups = np.arange(6000) // 10
+    scaler, model = fit(x, y, groups)
+    probe = to_probe(scaler, model, _meta())
+    fresh = np.concatenate([_planted(rng, 2000, direction, 0), _planted(rng, 2000, direction, 1)])
+    scores = 1 / (1 + np.exp(-probe.logits(fresh)))
+    assert roc_auc_score([0] * 2000 + [1] * 2000, scores) >= 0.99
+
+    control = 1 / (1 + np.exp(-probe.logits(_planted(rng, 20000, direction, 0))))
+    threshold = calibrate(control, 0.01)
+    fresh_control = 1 / (1 + np.exp(-probe.logits(_planted(rng, 20000, direction, 0))))
+    assert abs(float(np.mean(fresh_control >= threshold)) - 0.01) <= 0.01
+
+
+def test_probe_scores_equal_sklearn_predict_proba(planted: tuple[np.ndarray, np.random.Generator]) -> None:
+    direction, rng = planted
+    x = np.concatenate([_planted(rng, 500, direction, 0), _planted(rng, 500, direction, 1)])
+    y = np.array([0] * 500 + [1] * 500)
+    scaler, model = fit(x, y, np.arange(1000) // 5)
+    probe = to_probe(scaler, model, _meta())
+    ours = 1 / (1 + np.exp(-probe.logits(x)))
+    theirs = model.predict_proba(scaler.transform(x))[:, 1]
+    assert np.max(np.abs(ours - theirs)) <= 1e-5
+    weight, bias = probe.folded()  # what the engine computes on device, in fp32
+    folded = 1 / (1 + np.exp(-(x.astype(np.float64) @ weight.astype(np.float64) + bias)))
+    assert np.max(np.abs(folded - theirs)) <= 1e-5
+
+
+def test_calibration_never_exceeds_the_target_on_its_own_sample() -> None:
+    scores = np.random.default_rng(0).random(1000)
+    for target in (0.0, 0.01, 0.05, 0.5):
+        assert float(np.mean(scores >= calibrate(scores, target))) <= target
+
+
+def test_the_activation_cache_resumes_without_recomputing(engine: HFEngine, tmp_path: Path) -> None:
+    items = load_contrast("deception", 3)
+    cache = ActivationCache(tmp_path, engine, [1, 2])
+    first = extract(engine, items[:2], [1, 2], cache=cache)  # an "interrupted" run
+    calls = 0
+    capture = engine.capture
+
+    def counting(*args: object, **kwargs: object) -> object:
+        nonlocal calls
+        calls += 1
+        return capture(*args, **kwargs)  # type: ignore[arg-type]
+
+    engine.capture = counting  # type: ignore[method-assign]
+    resumed = extract(engine, items, [1, 2], cache=cache)
+    assert calls == len(items) - 2
+    n = len(first.labels)
+    assert np.array_equal(resumed.by_layer[1][:n], first.by_layer[1])
+
+
+def test_probes_train_cli_prints_the_layer_table_and_writes_the_artifact(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main,
+        [
+            "probes",
+            "train",
+            "--dataset",
+            "deception",
+            "--limit",
+            "30",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "cache"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "per-layer AUROC" in result.output and "<- chosen" in result.output
+    meta = json.loads((tmp_path / "out" / "deception_probe.json").read_text())
+    assert meta["target_fpr"] == 0.01 and 0 <= meta["layer"] < 4 and meta["metrics"]["calibration_tokens"] > 0
+
+
+def test_probes_train_reads_a_user_file_with_field_names_and_a_control_set(tmp_path: Path) -> None:
+    rows = [
+        {
+            "cot": {"text": f"I will {'hide' if i % 2 else 'report'} the failing test number {i}."},
+            "kind": "bad" if i % 2 else "ok",
+        }
+        for i in range(24)
+    ]
+    data = tmp_path / "mine.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    control = tmp_path / "control.csv"
+    control.write_text("cot.text\n" + "".join(f"All {i} tests were run and reported.\n" for i in range(12)))
+    result = CliRunner().invoke(
+        main,
+        [
+            "probes",
+            "train",
+            "--dataset",
+            str(data),
+            "--text-field",
+            "cot.text",
+            "--label-field",
+            "kind",
+            "--positive",
+            "bad",
+            "--control",
+            str(control),
+            "--name",
+            "mine",
+            "--out",
+            str(tmp_path / "out"),
+            "--cache",
+            str(tmp_path / "c"),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    meta = json.loads((tmp_path / "out" / "mine.json").read_text())
+    assert "control set" in meta["training_data"][-1]
+
+
+def test_auto_pack_trains_once_then_serve_loads_it_from_the_cache(engine: HFEngine, tmp_path: Path) -> None:
+    root = tmp_path / "data" / "probes"  # where `serve --probes auto` looks for COTMON_DATA_DIR=tmp_path/data
+    directory = default_pack(engine, root, limit=20)
+    stamps = {p.name: p.stat().st_mtime_ns for p in directory.iterdir()}
+    assert {"deception_probe.json", "harmful_probe.json"} <= set(stamps)
+    assert default_pack(engine, root, limit=20) == directory
+    pipeline = build_pipeline(Settings.load({}, data_dir=tmp_path / "data", probes=AUTO), bundled_policy("default"))
+    assert sorted(s.name for s in pipeline.specs) == ["deception_probe", "harmful_probe"]
+    assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == stamps  # nothing was retrained
+
+
+def _meta() -> ProbeMetadata:
+    return ProbeMetadata(
+        name="planted",
+        category="test",
+        model_id="synthetic",
+        model_revision="0",
+        layer=0,
+        d_model=D,
+        threshold=0.5,
+        target_fpr=0.01,
+    )
