@@ -1,0 +1,168 @@
+"""`cotmon eval`: measure detectors on a labelled dataset file, through the live pipeline.
+
+This module holds only the command and its options, so `cotmon --help` stays fast; the work
+is in `probes.evaluate`, imported when the command runs.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import click
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from probes.evaluate import Report
+
+SPEC_HELP = (
+    "A detector to evaluate (repeatable): a probe artifact path (NAME or NAME.json, next to NAME.safetensors; "
+    'the detector is named NAME), an inline JSON object {"kind": ..., "name": ..., "args": {...}}, '
+    "or a registered detector kind (named after it, no args)."
+)
+
+
+@click.command("eval")
+@click.option("--detector", "detectors", multiple=True, required=True, metavar="SPEC", help=SPEC_HELP)
+@click.option(
+    "--dataset",
+    type=click.Path(dir_okay=False, path_type=Path),
+    required=True,
+    help="Labelled JSONL, JSON or CSV file, read in place.",
+)
+@click.option("--text-field", default="text", show_default=True, help="Field holding the CoT to score (dotted for nested).")
+@click.option("--label-field", default="label", show_default=True, help="Field holding the label (dotted for nested).")
+@click.option("--positive", default=None, metavar="VALUE", help="Label value that counts as positive [1/true vs 0/false].")
+@click.option(
+    "--messages-field", default="messages", show_default=True, help="Field with the chat before the CoT, if a row has one."
+)
+@click.option(
+    "--aggregate",
+    type=click.Choice(["mean", "max"]),
+    default="mean",
+    show_default=True,
+    help="How an item's per-token scores over its reasoning become one item score.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
+@click.option("--model", default=None, help="Hub id, local path, or `tiny` (default).")
+@click.option("--device", default=None, help="auto, cpu, cuda, ...")
+@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [.cotmon/eval].")
+@click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout (progress goes to stderr).")
+def eval_command(
+    detectors: tuple[str, ...],
+    dataset: Path,
+    text_field: str,
+    label_field: str,
+    positive: str | None,
+    messages_field: str,
+    aggregate: str,
+    limit: int | None,
+    model: str | None,
+    device: str | None,
+    dtype: str | None,
+    out: Path | None,
+    as_json: bool,
+) -> None:
+    """Evaluate detectors on a labelled dataset: AUROC, recall at 1% and 5% FPR, a ROC plot.
+
+    Every row's text is teacher-forced as the model's chain of thought (after the row's chat,
+    if it has one) through the same pipeline as live monitoring; a detector's scores over the
+    reasoning tokens become one score per row (--aggregate). Rows are positive when their
+    label equals --positive (or is 1/true without it). The confusion matrix is taken at each
+    detector's calibrated threshold, where it has one. Writes report.json and roc.png to --out.
+
+    \b
+    Example:
+      cotmon eval --detector .cotmon/demo/probes/deception_probe \\
+        --dataset data/faking.jsonl --text-field text --label-field label \\
+        --positive potential_faking --limit 200
+    """
+    from rich.console import Console
+    from rich.progress import Progress
+
+    from monitor.detector import DetectorError, default_registry
+    from monitor.engine.base import EngineError
+    from monitor.engine.hf import HFEngine
+    from monitor.observability import logging_to
+    from monitor.settings import Settings, SettingsError
+    from probes.datasets import DatasetError, load_labelled_file
+    from probes.evaluate import Aggregate, DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
+
+    width = None if sys.stdout.isatty() else 150
+    console = Console(highlight=False, width=width, stderr=as_json)
+    ref = DatasetRef(str(dataset), text_field, label_field, positive, messages_field or None, limit)
+    try:
+        settings = Settings.load(model=model, device=device, dtype=dtype)
+        items = load_labelled_file(
+            dataset,
+            text_field=text_field,
+            label_field=label_field,
+            positive=positive,
+            messages_field=ref.messages_field,
+            limit=limit,
+        )
+        registry = default_registry()
+        specs = [parse_detector_spec(value, registry.kinds()) for value in detectors]
+    except (SettingsError, DatasetError, EvaluationError) as exc:
+        raise click.ClickException(str(exc)) from None
+    out_dir = out or settings.data_dir / "eval"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    console.print(f"cotmon eval: {len(items)} items from {dataset}; loading model {settings.model!r}")
+    try:
+        engine = HFEngine.load(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision)
+    except EngineError as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ValueError, RuntimeError, AssertionError) as exc:  # torch without CUDA asserts
+        raise click.ClickException(f"cannot load model {settings.model!r} on {settings.device}: {exc}") from None
+    agg: Aggregate = "max" if aggregate == "max" else "mean"
+    try:
+        with (
+            logging_to(out_dir / "eval.log", level=settings.log_level),
+            Progress(console=console, transient=True, disable=not console.is_terminal) as bar,
+        ):
+            task = bar.add_task("scoring items", total=len(items))
+            report = evaluate(
+                engine, specs, items, ref, aggregate=agg, registry=registry, progress=lambda n: bar.advance(task, n)
+            )
+    except (DetectorError, EngineError) as exc:
+        raise click.ClickException(str(exc)) from None
+    report_path = out_dir / "report.json"
+    report_path.write_text(json.dumps(report.to_dict(), indent=2) + "\n", encoding="utf-8")
+    plot_path = plot_roc(report, out_dir / "roc.png")
+    if as_json:
+        click.echo(json.dumps(report.to_dict(), indent=2))
+    else:
+        _print_table(console, report)
+    console.print(f"Report: {report_path}\nROC curves: {plot_path}\nSession logs: {out_dir / 'eval.log'}")
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def _print_table(console: Console, report: Report) -> None:
+    from rich.table import Table
+
+    table = Table(
+        title=f"{report.dataset.path}: {report.n_items} items, model {report.model_id} ({report.model_revision}), "
+        f"item score = {report.aggregate} over the reasoning tokens",
+        title_justify="left",
+    )
+    for column in ("detector", "pos / neg", "AUROC", "recall@1%FPR", "recall@5%FPR", "threshold", "TP / FP / TN / FN"):
+        table.add_column(column, justify="left" if column == "detector" else "right")
+    for r in report.detectors:
+        c = r.confusion
+        table.add_row(
+            r.name + (f" ({r.n_unscored} unscored)" if r.n_unscored else ""),
+            f"{r.n_positive} / {r.n_negative}",
+            _fmt(r.auroc),
+            _fmt(r.recall_at_fpr.get(0.01)),
+            _fmt(r.recall_at_fpr.get(0.05)),
+            _fmt(c.threshold) if c else "-",
+            f"{c.tp} / {c.fp} / {c.tn} / {c.fn}" if c else "-",
+        )
+    console.print(table)
