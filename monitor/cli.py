@@ -96,6 +96,13 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     "pack for the model, trained on bundled data on first use and cached by model id and revision.",
 )
 @click.option(
+    "--detectors",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="YAML list of further detectors ({kind, name, args}), e.g. sae_features watching SAE features; "
+    "relative paths in it are relative to the file.",
+)
+@click.option(
     "--policy",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,

@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from monitor.types import Detection, DetectorSpec, ModelInfo, Readout, TraceStep
+from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep
 
 __all__ = [
     "Detector",
@@ -24,6 +24,7 @@ __all__ = [
     "DetectorRegistry",
     "DetectorSpec",
     "EmitFn",
+    "Explainer",
     "default_registry",
 ]
 
@@ -55,8 +56,8 @@ class Detector(Protocol):
 
     spec: DetectorSpec
 
-    def readouts(self) -> Sequence[Readout]:
-        """Linear columns this detector needs the engine to compute for every token."""
+    def readouts(self) -> Sequence[AnyReadout]:
+        """Columns this detector needs the engine to compute for every token (linear or on-device functions)."""
         ...
 
     def calibrated_threshold(self) -> float | None:
@@ -65,6 +66,15 @@ class Detector(Protocol):
 
     async def observe(self, step: TraceStep) -> Sequence[Detection]:
         """Look at one token; return detections available now (possibly none)."""
+        ...
+
+
+@runtime_checkable
+class Explainer(Protocol):
+    """A detector that can explain a flagged span (an SAE detector: the span's top features)."""
+
+    def explain(self, flag: Flag, start: int, end: int) -> Sequence[Evidence]:
+        """Evidence for why tokens [start, end) look the way they do; () when it has none."""
         ...
 
 
@@ -145,6 +155,41 @@ def default_registry() -> DetectorRegistry:
         _DEFAULT = DetectorRegistry()
         _DEFAULT.register_entry_points()
     return _DEFAULT
+
+
+def load_detector_specs(path: Path) -> list[DetectorSpec]:
+    """Detector specs from a YAML file: a list (or `detectors:` list) of {kind, name, args}.
+
+    Errors name the file and the entry. Relative paths inside `args` are resolved by each detector
+    against the file's directory (pass it as the pipeline's base_dir).
+    """
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise DetectorError(f"{path}: detectors file not found") from None
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise DetectorError(f"{path}: not valid YAML ({exc})") from None
+    if isinstance(data, Mapping) and set(data) == {"detectors"}:
+        data = data["detectors"]
+    if not isinstance(data, list):
+        raise DetectorError(f"{path}: expected a list of detectors (or a mapping with one key, 'detectors')")
+    specs = []
+    for i, item in enumerate(data):
+        where = f"{path}: detectors[{i}]"
+        if not isinstance(item, Mapping):
+            raise DetectorError(f"{where}: expected a mapping with kind, name and args")
+        unknown = set(item) - {"kind", "name", "args"}
+        if unknown:
+            raise DetectorError(f"{where}: unknown field(s) {', '.join(sorted(map(str, unknown)))} (known: kind, name, args)")
+        for key in ("kind", "name"):
+            if not isinstance(item.get(key), str) or not item[key]:
+                raise DetectorError(f"{where}: field {key!r} must be a non-empty string")
+        if not isinstance(item.get("args", {}), Mapping):
+            raise DetectorError(f"{where}: field 'args' must be a mapping")
+        specs.append(DetectorSpec.from_dict(item))
+    return specs
 
 
 def thresholds_of(detectors: Sequence[Detector]) -> Mapping[str, float | None]:

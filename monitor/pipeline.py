@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from monitor.detector import Detector, DetectorContext, DetectorRegistry, default_registry, thresholds_of
+from monitor.detector import Detector, DetectorContext, DetectorRegistry, Explainer, default_registry, thresholds_of
 from monitor.engine.base import Engine
 from monitor.observability import Metrics, default_metrics, get_logger
 from monitor.policy import Policy, PolicyEvaluator, parse_policy
@@ -158,14 +158,14 @@ class Session:
                         t0 = p.clock()
                         found.extend(await detector.observe(step))
                         timers[detector.spec.name].observe(p.clock() - t0)
-                    flags = self._evaluate(evaluator, found, step.index, arrived)
+                    flags = self._evaluate(evaluator, found, step.index, arrived, detectors)
                     yield StepEvent(step, tuple(found), tuple(flags))
                     if any("halt" in f.actions for f in flags):
                         outcome = "halted"
                         break
             late = self._take_late()
             if late:
-                self._evaluate(evaluator, late, self.steps[-1].index if self.steps else 0, p.clock())
+                self._evaluate(evaluator, late, self.steps[-1].index if self.steps else 0, p.clock(), detectors)
         except GeneratorExit:
             outcome = "aborted"
             raise
@@ -177,12 +177,16 @@ class Session:
             metrics.sessions_active.dec()
             self._finish(outcome, error, started)
 
-    def _evaluate(self, evaluator: PolicyEvaluator, found: list[Detection], index: int, arrived: float) -> list[Flag]:
+    def _evaluate(
+        self, evaluator: PolicyEvaluator, found: list[Detection], index: int, arrived: float, detectors: Sequence[Detector]
+    ) -> list[Flag]:
         metrics = self.pipeline.metrics
         for det in found:
             metrics.detector_score.labels(det.detector, det.category).observe(det.score)
-        self.detections.extend(found)
         flags = evaluator.observe(found, index)
+        for flag in flags:
+            self._explain(flag, found, detectors)
+        self.detections.extend(found)
         for flag in flags:
             self.flags.append(flag)
             metrics.flags.labels(flag.category, flag.severity, flag.rule).inc()
@@ -190,6 +194,25 @@ class Session:
                 metrics.halts.labels(flag.rule).inc()
             metrics.flag_latency.observe(self.pipeline.clock() - arrived)
         return flags
+
+    def _explain(self, flag: Flag, found: list[Detection], detectors: Sequence[Detector]) -> None:
+        """Attach explainers' evidence for the flagged span to the detections that raised the flag.
+
+        The span is the rule's look-back ending at the flagged token; the evidence goes onto this
+        token's detections from the detectors the rule reads (in place in `found`).
+        """
+        explainers = [d for d in detectors if isinstance(d, Explainer)]
+        rule = next((r for r in self.pipeline.policy.rules if r.name == flag.rule), None)
+        if not explainers or rule is None:
+            return
+        start, end = max(0, flag.index - rule.lookback() + 1), flag.index + 1
+        evidence = tuple(e for d in explainers for e in d.explain(flag, start, end))
+        if not evidence:
+            return
+        readers = rule.detectors()
+        for i, det in enumerate(found):
+            if det.detector in readers:
+                found[i] = dataclasses.replace(det, evidence=det.evidence + evidence)
 
     def _finish(self, outcome: Outcome, error: str | None, started: float) -> None:
         p = self.pipeline
@@ -253,6 +276,14 @@ def session_summary(t: Transcript) -> dict[str, Any]:
     }
 
 
+def detection_to_dict(d: Detection) -> dict[str, Any]:
+    """Plain data for a detection; `evidence` only when it has some."""
+    out: dict[str, Any] = {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
+    if d.evidence:
+        out["evidence"] = [dataclasses.asdict(e) for e in d.evidence]
+    return out
+
+
 def transcript_to_dict(t: Transcript) -> dict[str, Any]:
     """Plain data for a transcript (JSON-serialisable)."""
     return {
@@ -263,10 +294,7 @@ def transcript_to_dict(t: Transcript) -> dict[str, Any]:
             {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)}
             for s in t.steps
         ],
-        "detections": [
-            {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
-            for d in t.detections
-        ],
+        "detections": [detection_to_dict(d) for d in t.detections],
         "flags": [f.to_dict() for f in t.flags],
         "outcome": t.outcome,
         "detector_specs": [s.to_dict() for s in t.detector_specs],

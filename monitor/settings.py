@@ -43,6 +43,9 @@ class Settings(BaseModel):
     port: int = Field(8000, ge=0, le=65535, description="Port `cotmon serve` listens on.")
     served_model_name: str | None = Field(None, description="Model name clients use; the model id (or `tiny`) when unset.")
     probes: Path | None = Field(None, description="Directory of probe artifacts (*.json + *.safetensors) to load.")
+    detectors: Path | None = Field(
+        None, description="YAML file of further detectors ({kind, name, args}: SAE features, ...); paths relative to it."
+    )
     api_key: str | None = Field(None, description="When set, every route but /healthz, /readyz and /metrics needs it.")
     max_concurrent: int = Field(32, ge=1, description="Streams generated at once.")
     max_queued: int = Field(0, ge=0, description="Requests that wait for a slot; beyond them: 429.")

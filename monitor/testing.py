@@ -13,7 +13,7 @@ import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from typing import Any
 
-from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
 
 SCRIPTED_MODEL = ModelInfo(model_id="scripted", revision="0", d_model=8, n_layers=2)
 
@@ -38,15 +38,15 @@ class ScriptedEngine:
         self.values = list(readouts) if readouts is not None else [{} for _ in tokens]
         if len(self.values) != len(self.tokens):
             raise ValueError("ScriptedEngine needs one readout mapping per token")
-        self.installed: tuple[Readout, ...] = ()
+        self.installed: tuple[AnyReadout, ...] = ()
         self.pulled = 0
         """Steps handed out so far, over all streams."""
 
-    def install(self, readouts: Sequence[Readout]) -> None:
+    def install(self, readouts: Sequence[AnyReadout]) -> None:
         self.installed = tuple(readouts)
 
     async def _play(self, session_id: str) -> AsyncGenerator[TraceStep, None]:
-        names = {r.name for r in self.installed}
+        names = {n for r in self.installed for n in ((r.name,) if isinstance(r, Readout) else r.names)}
         last = len(self.tokens) - 1
         for i, ((text, channel), values) in enumerate(zip(self.tokens, self.values, strict=True)):
             self.pulled += 1

@@ -5,7 +5,7 @@ This module is a leaf: it imports nothing from the project, so every other modul
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -68,6 +68,28 @@ class Readout:
     """Added after the dot product."""
     threshold: float | None = None
     """JumpReLU threshold applied to the value; None for a plain linear readout."""
+
+
+@dataclass(frozen=True)
+class DeviceReadout:
+    """Several readouts computed together by a nonlinear function on the model's device.
+
+    For what one linear column cannot express: TopK SAE features (the k-th largest
+    pre-activation over all features decides), per-token input normalisation, and the top
+    features of a full SAE encode kept for explanations. Only `len(names)` numbers per token
+    leave the device.
+    """
+
+    names: tuple[str, ...]
+    """Readout names, one per output column; keys in `TraceStep.readouts`."""
+    layer: int
+    """Decoder block whose output is read (DESIGN.md "Layer numbering")."""
+    build: Callable[[Any], Callable[[Any], Any]]
+    """Given a torch device, returns fn(hidden [..., d_model] float32) -> values [..., len(names)]."""
+
+
+AnyReadout = Readout | DeviceReadout
+"""What a detector may ask the engine to compute."""
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import AsyncGenerator, Sequence
 from typing import Protocol
 
-from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
 
 class EngineError(RuntimeError):
@@ -22,7 +22,7 @@ class Engine(Protocol):
 
     info: ModelInfo
 
-    def install(self, readouts: Sequence[Readout]) -> None:
+    def install(self, readouts: Sequence[AnyReadout]) -> None:
         """Compile `readouts` into the fused on-device readout; replaces what was installed."""
         ...
 

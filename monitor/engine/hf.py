@@ -23,7 +23,7 @@ from monitor.engine.base import EngineError
 from monitor.engine.readout import ActivationCapture, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, opens_reasoning, partial_tag_length
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
-from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
 
 def resolve_device(device: str) -> torch.device:
@@ -86,7 +86,7 @@ class HFEngine:
 
     # -- readouts -----------------------------------------------------------------------------
 
-    def install(self, readouts: Sequence[Readout]) -> None:
+    def install(self, readouts: Sequence[AnyReadout]) -> None:
         """Compile `readouts` into fused per-layer matrices and hook them; [] removes all hooks."""
         plan = ReadoutPlan(readouts, d_model=self.info.d_model, n_layers=self.info.n_layers, device=self.device)
         with self._lock:

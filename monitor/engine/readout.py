@@ -3,7 +3,9 @@
 Probe directions and watched SAE encoder columns are all linear maps of the residual stream.
 At start-up they are compiled per layer into ``W[d_model, n]`` plus a bias and an optional
 JumpReLU threshold, on the model's device, in fp32. The hook computes ``h @ W + b`` for every
-position of every forward; only the ``n`` numbers per token ever leave the device.
+position of every forward; only the ``n`` numbers per token ever leave the device. What is not
+linear (TopK SAE features, full encodes for explanations) comes as `DeviceReadout` functions
+that run in the same hook on the same hidden states.
 """
 
 from __future__ import annotations
@@ -20,44 +22,60 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from monitor.types import Readout
+from monitor.types import AnyReadout, DeviceReadout, Readout
 
 
 class ReadoutError(ValueError):
     """Readouts that cannot be compiled for this model."""
 
 
+DeviceFn = Callable[[torch.Tensor], torch.Tensor]
+
+
 @dataclass(frozen=True)
 class LayerReadout:
-    """All readouts of one layer, fused."""
+    """All readouts of one layer: the linear columns fused, then any device functions."""
 
     layer: int
-    weight: torch.Tensor  # [n, d_model] fp32 on the model's device (rows: F.linear's layout)
-    bias: torch.Tensor  # [n] fp32
+    weight: torch.Tensor | None  # [n, d_model] fp32 on the model's device (rows: F.linear's layout); None: no linear column
+    bias: torch.Tensor | None  # [n] fp32
     threshold: torch.Tensor | None  # [n] fp32, -inf where a column has none; None if no column has one
+    functions: tuple[DeviceFn, ...] = ()  # DeviceReadout functions, output columns after the linear ones
 
 
 class ReadoutPlan:
-    """Readouts compiled into one fused matrix per layer; `names` orders the output columns."""
+    """Readouts compiled into one fused matrix per layer; `names` orders the output columns.
 
-    def __init__(self, readouts: Sequence[Readout], *, d_model: int, n_layers: int, device: torch.device | str = "cpu"):
+    Linear `Readout`s of a layer become one matrix; `DeviceReadout`s of the layer run after it,
+    on the same hidden states, and their columns follow in the order given.
+    """
+
+    def __init__(self, readouts: Sequence[AnyReadout], *, d_model: int, n_layers: int, device: torch.device | str = "cpu"):
         seen: set[str] = set()
         for r in readouts:
-            if r.name in seen:
-                raise ReadoutError(f"two readouts are named {r.name!r}")
-            seen.add(r.name)
+            for name in _names(r):
+                if name in seen:
+                    raise ReadoutError(f"two readouts are named {name!r}")
+                seen.add(name)
             if not 0 <= r.layer < n_layers:
-                raise ReadoutError(f"readout {r.name!r}: layer {r.layer} does not exist (model has layers 0..{n_layers - 1})")
-            if tuple(r.weight.shape) != (d_model,):
+                raise ReadoutError(
+                    f"readout {_names(r)[0]!r}: layer {r.layer} does not exist (model has layers 0..{n_layers - 1})"
+                )
+            if isinstance(r, Readout) and tuple(r.weight.shape) != (d_model,):
                 raise ReadoutError(f"readout {r.name!r}: weight has shape {tuple(r.weight.shape)}, model needs ({d_model},)")
         self.d_model = d_model
-        by_layer: dict[int, list[Readout]] = {}
+        dev = torch.device(device)
+        by_layer: dict[int, list[AnyReadout]] = {}
         for r in readouts:
             by_layer.setdefault(r.layer, []).append(r)
-        self.layers: tuple[LayerReadout, ...] = tuple(
-            _fuse(layer, by_layer[layer], torch.device(device)) for layer in sorted(by_layer)
-        )
-        self.names: tuple[str, ...] = tuple(r.name for layer in sorted(by_layer) for r in by_layer[layer])
+        layers, names = [], []
+        for layer in sorted(by_layer):
+            linear = [r for r in by_layer[layer] if isinstance(r, Readout)]
+            device_side = [r for r in by_layer[layer] if isinstance(r, DeviceReadout)]
+            layers.append(_fuse(layer, linear, tuple(r.build(dev) for r in device_side), dev))
+            names += [r.name for r in linear] + [n for r in device_side for n in r.names]
+        self.layers: tuple[LayerReadout, ...] = tuple(layers)
+        self.names: tuple[str, ...] = tuple(names)
 
     def __len__(self) -> int:
         return len(self.names)
@@ -65,13 +83,24 @@ class ReadoutPlan:
     def apply(self, hidden: torch.Tensor, layer_index: int) -> torch.Tensor:
         """Readout values of `self.layers[layer_index]` for hidden states [..., d_model] -> [..., n]."""
         lr = self.layers[layer_index]
-        values = F.linear(hidden.float(), lr.weight, lr.bias)  # one fused op: h @ W + b
-        if lr.threshold is not None:
-            values = torch.where(values > lr.threshold, values, torch.zeros_like(values))
-        return values
+        h = hidden.float()
+        parts = []
+        if lr.weight is not None:
+            values = F.linear(h, lr.weight, lr.bias)  # one fused op: h @ W + b
+            if lr.threshold is not None:
+                values = torch.where(values > lr.threshold, values, torch.zeros_like(values))
+            parts.append(values)
+        parts += [fn(h) for fn in lr.functions]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
 
-def _fuse(layer: int, readouts: list[Readout], device: torch.device) -> LayerReadout:
+def _names(r: AnyReadout) -> tuple[str, ...]:
+    return (r.name,) if isinstance(r, Readout) else r.names
+
+
+def _fuse(layer: int, readouts: list[Readout], functions: tuple[DeviceFn, ...], device: torch.device) -> LayerReadout:
+    if not readouts:
+        return LayerReadout(layer, None, None, None, functions)
     weight = torch.stack([torch.as_tensor(r.weight, dtype=torch.float32) for r in readouts], dim=0)
     bias = torch.tensor([r.bias for r in readouts], dtype=torch.float32)
     threshold = None
@@ -79,7 +108,7 @@ def _fuse(layer: int, readouts: list[Readout], device: torch.device) -> LayerRea
         threshold = torch.tensor([-math.inf if r.threshold is None else r.threshold for r in readouts], dtype=torch.float32).to(
             device
         )
-    return LayerReadout(layer, weight.to(device).contiguous(), bias.to(device), threshold)
+    return LayerReadout(layer, weight.to(device).contiguous(), bias.to(device), threshold, functions)
 
 
 def decoder_layers(model: nn.Module) -> nn.ModuleList:

@@ -20,7 +20,7 @@ import httpx
 from monitor.engine.base import EngineError
 from monitor.engine.hf import HFEngine
 from monitor.engine.text import THINK_CLOSE, THINK_OPEN
-from monitor.types import ChatMessage, GenerationRequest, Readout, TraceStep
+from monitor.types import AnyReadout, ChatMessage, GenerationRequest, TraceStep
 
 
 class UpstreamError(EngineError):
@@ -42,7 +42,7 @@ class UpstreamEngine:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout, connect=10.0)
 
-    def install(self, readouts: Sequence[Readout]) -> None:
+    def install(self, readouts: Sequence[AnyReadout]) -> None:
         self.reader.install(readouts)
 
     def prompt_opens_reasoning(self, messages: Sequence[ChatMessage]) -> bool:

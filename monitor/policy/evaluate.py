@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 
-from monitor.policy.model import COMPARE, SYMBOLS, AllOf, Bound, Condition, NotOf, Policy, PolicyError, Rule, When
+from monitor.policy.model import COMPARE, SYMBOLS, AllOf, Bound, Condition, NotOf, Policy, PolicyError, Rule, When, conditions_of
 from monitor.types import Detection, Flag
 
 _Key = tuple[str, str | None]  # a score history: (detector, None) for all its detections, or one category's
@@ -28,7 +28,7 @@ class PolicyEvaluator:
         self._started = False
         sizes: dict[_Key, int] = {}
         for rule in policy.rules:
-            conditions = list(_conditions(rule.when))
+            conditions = list(conditions_of(rule.when))
             for c in conditions:
                 self._bounds[c] = (
                     _resolve(policy, rule, c, c.value, thresholds or {}),
@@ -111,16 +111,6 @@ class PolicyEvaluator:
         for score in it:
             value = alpha * score + (1 - alpha) * value
         return value
-
-
-def _conditions(when: When) -> Iterator[Condition]:
-    if isinstance(when, Condition):
-        yield when
-    elif isinstance(when, NotOf):
-        yield from _conditions(when.condition)
-    else:
-        for c in when.conditions:
-            yield from _conditions(c)
 
 
 def _key(cond: Condition) -> _Key:

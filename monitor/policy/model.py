@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -88,6 +88,17 @@ class NotOf:
 When = Condition | AllOf | AnyOf | NotOf
 
 
+def conditions_of(when: When) -> Iterator[Condition]:
+    """Every condition in a `when` tree, depth first."""
+    if isinstance(when, Condition):
+        yield when
+    elif isinstance(when, NotOf):
+        yield from conditions_of(when.condition)
+    else:
+        for c in when.conditions:
+            yield from conditions_of(c)
+
+
 @dataclass(frozen=True)
 class Rule:
     """A named condition tree, and what to do when it holds (at most once per stream)."""
@@ -97,6 +108,14 @@ class Rule:
     severity: Severity
     when: When
     actions: tuple[Action, ...]
+
+    def lookback(self) -> int:
+        """How many of the latest tokens the rule's conditions look at (the span a flag covers)."""
+        return max(c.window for c in conditions_of(self.when))
+
+    def detectors(self) -> frozenset[str]:
+        """Names of the detectors the rule's conditions read."""
+        return frozenset(c.detector for c in conditions_of(self.when))
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -8,6 +8,7 @@ from pathlib import Path
 import uvicorn
 from fastapi import FastAPI
 
+from monitor.detector import DetectorError, load_detector_specs
 from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.engine.upstream import UpstreamEngine
@@ -40,14 +41,15 @@ def probe_specs(directory: Path | None) -> list[DetectorSpec]:
     if not directory.is_dir():
         raise FileNotFoundError(f"probe directory {directory} does not exist")
     return [
-        DetectorSpec("linear_probe", meta.stem, {"artifact": str(meta.with_suffix(""))})
+        DetectorSpec("linear_probe", meta.stem, {"artifact": str(meta.with_suffix("").resolve())})
         for meta in sorted(directory.glob("*.json"))
         if meta.with_suffix(".safetensors").exists()
     ]
 
 
 def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics | None = None) -> Pipeline:
-    """Engine + detectors from `settings.probes` + policy (the given one, or `default_policy`)."""
+    """Engine + detectors (`settings.probes`, `settings.detectors`) + policy (the given one, or
+    `default_policy` when there are probes)."""
     reader = HFEngine.load(
         settings.reader or settings.model,
         device=settings.device,
@@ -63,14 +65,22 @@ def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics
         engine = UpstreamEngine(settings.upstream_url, reader, model=model, api_key=settings.upstream_api_key)
     probes = auto_probes(reader, settings.probes_dir) if settings.probes == AUTO else settings.probes
     specs = probe_specs(probes)
-    if specs:
-        policy = load_policy(settings.policy or default_policy)
-    elif settings.policy is not None:
+    if settings.policy is not None:
         policy = load_policy(settings.policy)
+    elif specs:
+        policy = load_policy(default_policy)
     else:
         policy = NO_RULES
+    base_dir = Path.cwd()
+    if settings.detectors is not None:
+        specs += load_detector_specs(settings.detectors)
+        base_dir = settings.detectors.resolve().parent
     sink = JsonlTranscriptSink(settings.transcripts_path)
-    return Pipeline(engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink])
+    try:
+        return Pipeline(engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink], base_dir=base_dir)
+    except DetectorError as exc:
+        where = f"{settings.detectors}: " if settings.detectors is not None else ""
+        raise DetectorError(f"{where}{exc}") from exc
 
 
 def build_app(settings: Settings, default_policy: Path) -> FastAPI:
