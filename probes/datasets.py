@@ -185,9 +185,7 @@ def load_labelled_file(
         raise DatasetError(f"{source}: dataset file not found")
     items = []
     for where, row in _rows(source):
-        text = _field(row, text_field, where)
-        if not isinstance(text, str) or not text.strip():
-            raise DatasetError(f"{where}: field {text_field!r} must be non-empty text")
+        text = _text(row, text_field, where)
         raw_label = _field(row, label_field, where)
         if positive is not None:
             label = int(str(raw_label) == positive)
@@ -209,6 +207,13 @@ def load_labelled_file(
     return items
 
 
+def _text(row: Mapping[str, Any], field: str, where: str) -> str:
+    text = _field(row, field, where)
+    if not isinstance(text, str) or not text.strip():
+        raise DatasetError(f"{where}: field {field!r} must be non-empty text")
+    return text
+
+
 def load_texts(path: str | Path, *, text_field: str = "text", limit: int | None = None) -> list[LabelledText]:
     """A file of benign texts (a calibration control set): every row is a negative."""
     source = Path(path)
@@ -216,10 +221,7 @@ def load_texts(path: str | Path, *, text_field: str = "text", limit: int | None 
         raise DatasetError(f"{source}: dataset file not found")
     items = []
     for where, row in _rows(source):
-        text = _field(row, text_field, where)
-        if not isinstance(text, str) or not text.strip():
-            raise DatasetError(f"{where}: field {text_field!r} must be non-empty text")
-        items.append(LabelledText(where, NO_PROMPT, text, 0, where))
+        items.append(LabelledText(where, NO_PROMPT, _text(row, text_field, where), 0, where))
         if limit is not None and len(items) >= limit:
             break
     return items

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from rich.table import Table
 
 from monitor.engine.hf import HFEngine
 from monitor.settings import Settings
-from probes.datasets import LabelledText, examples_as_training, load_contrast, load_examples, load_labelled_file, load_texts
+from probes.datasets import examples_as_training, load_contrast, load_examples, load_labelled_file, load_texts
 from probes.linear import LinearProbe
 from probes.train import LayerResult, train_probe
 
@@ -46,35 +47,12 @@ def print_layer_table(console: Console, name: str, results: Sequence[LayerResult
     )
 
 
-def train_with_progress(
-    console: Console,
-    engine: HFEngine,
-    items: Sequence[LabelledText],
-    *,
-    name: str,
-    category: str,
-    layers: Sequence[int],
-    training_data: Sequence[str],
-    control: Sequence[LabelledText] = (),
-    target_fpr: float = 0.01,
-    seed: int = 0,
-    cache_dir: Path | None = None,
-) -> tuple[LinearProbe, list[LayerResult]]:
+@contextmanager
+def extraction_bar(console: Console, name: str, total: int) -> Iterator[Callable[[int], None]]:
+    """A progress bar over the texts whose activations are extracted; yields its advance callback."""
     with Progress(console=console, transient=True) as bar:
-        task = bar.add_task(f"extracting activations for {name}", total=len(items) + len(control))
-        return train_probe(
-            engine,
-            items,
-            name=name,
-            category=category,
-            layers=layers,
-            training_data=training_data,
-            control=control,
-            target_fpr=target_fpr,
-            seed=seed,
-            cache_dir=cache_dir,
-            progress=lambda n: bar.advance(task, n),
-        )
+        task = bar.add_task(f"extracting activations for {name}", total=total)
+        yield lambda n: bar.advance(task, n)
 
 
 def train_bundled(
@@ -91,17 +69,18 @@ def train_bundled(
     """Train the bundled `deception` or `harmful` probe, print its table, save it into `out`."""
     name, category, contrast, positive = BUNDLED[kind]
     items = load_contrast(contrast, limit) + examples_as_training(load_examples(), positive)  # type: ignore[arg-type]
-    probe, results = train_with_progress(
-        console,
-        engine,
-        items,
-        name=name,
-        category=category,
-        layers=layers,
-        seed=seed,
-        cache_dir=cache_dir,
-        training_data=[f"probes/data/{contrast}_contrast.jsonl", "probes/data/examples.jsonl (train split)"],
-    )
+    with extraction_bar(console, name, len(items)) as progress:
+        probe, results = train_probe(
+            engine,
+            items,
+            name=name,
+            category=category,
+            layers=layers,
+            seed=seed,
+            cache_dir=cache_dir,
+            training_data=[f"probes/data/{contrast}_contrast.jsonl", "probes/data/examples.jsonl (train split)"],
+            progress=progress,
+        )
     print_layer_table(console, name, results, probe)
     return probe, probe.save(out / name)
 
@@ -126,19 +105,20 @@ def run_training(o: Mapping[str, Any]) -> None:
         items = load_labelled_file(dataset, limit=o["limit"], **fields)
         control = load_texts(o["control_path"], text_field=o["text_field"]) if o["control_path"] is not None else []
         name = str(o["name"] or Path(dataset).stem)
-        probe, results = train_with_progress(
-            console,
-            engine,
-            items,
-            name=name,
-            category=str(o["category"] or name),
-            layers=layers,
-            seed=settings.seed,
-            training_data=[dataset],
-            control=control,
-            target_fpr=float(o["target_fpr"]),
-            cache_dir=cache,
-        )
+        with extraction_bar(console, name, len(items) + len(control)) as progress:
+            probe, results = train_probe(
+                engine,
+                items,
+                name=name,
+                category=str(o["category"] or name),
+                layers=layers,
+                seed=settings.seed,
+                training_data=[dataset],
+                control=control,
+                target_fpr=float(o["target_fpr"]),
+                cache_dir=cache,
+                progress=progress,
+            )
         print_layer_table(console, name, results, probe)
         stem = probe.save(out / name)
     console.print(f"wrote {stem}.safetensors and {stem}.json in {time.perf_counter() - started:.1f} s")
