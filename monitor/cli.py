@@ -118,6 +118,13 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
 @click.option("--upstream-url", default=None, help="Upstream base URL ending in /v1 (upstream engine).")
 @click.option("--upstream-model", default=None, help="Model name to request from the upstream [served name].")
 @click.option("--reader", default=None, help="Upstream engine: local model that reads the CoT [--model].")
+@click.option(
+    "--judge-url",
+    default=None,
+    help="Add the CoT judge (detector cot_judge): an OpenAI-compatible endpoint ending in /v1 for its LLM "
+    "(key in COTMON_JUDGE_API_KEY), or `triage` for the text classifier alone.",
+)
+@click.option("--judge-model", default=None, help="Model the judge asks at --judge-url.")
 @click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
 @click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
 def serve(**options: Any) -> None:

@@ -12,11 +12,12 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep
 
 __all__ = [
+    "Deferred",
     "Detector",
     "DetectorContext",
     "DetectorError",
@@ -48,6 +49,12 @@ class DetectorContext:
     """Relative artifact paths in specs resolve against this directory."""
     emit: EmitFn | None = None
     """Set by the pipeline for each stream; detectors that answer late call it."""
+    scores: Mapping[str, float] = field(default_factory=dict)
+    """Set by the pipeline for each stream: the highest score so far per detector name (live view)."""
+    metrics: Any = None
+    """The pipeline's `monitor.observability.Metrics`, for detectors with metrics of their own (the judge)."""
+    secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """Credentials from settings (`judge_api_key`); kept out of specs, which transcripts store."""
 
 
 @runtime_checkable
@@ -75,6 +82,15 @@ class Explainer(Protocol):
 
     def explain(self, flag: Flag, start: int, end: int) -> Sequence[Evidence]:
         """Evidence for why tokens [start, end) look the way they do; () when it has none."""
+        ...
+
+
+@runtime_checkable
+class Deferred(Protocol):
+    """A detector with work in flight (the judge) whose detections arrive later through `emit`."""
+
+    async def settle(self) -> None:
+        """Return once every piece of work started so far has handed in its detections (or failed)."""
         ...
 
 

@@ -42,6 +42,16 @@ class Metrics:
         self.judge_latency = Histogram(
             "cotmon_judge_latency_seconds", "LLM judge request latency.", buckets=LATENCY_BUCKETS, registry=registry
         )
+        self.judge_windows = Counter(
+            "cotmon_judge_windows",
+            "CoT windows the judge looked at, by route: escalated (LLM called), avoided (triage was enough), "
+            "triage_only (no LLM configured).",
+            ["route"],
+            registry=registry,
+        )
+        self.judge_dropped_quotes = Counter(
+            "cotmon_judge_dropped_quotes", "Judge quotes dropped because they are not verbatim in the CoT.", registry=registry
+        )
         self.detector_seconds = Histogram(
             "cotmon_detector_seconds",
             "Host time a detector spends per token.",

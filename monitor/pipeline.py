@@ -20,7 +20,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
-from monitor.detector import Detector, DetectorContext, DetectorRegistry, Explainer, default_registry, thresholds_of
+from monitor.detector import (
+    Deferred,
+    Detector,
+    DetectorContext,
+    DetectorRegistry,
+    Explainer,
+    default_registry,
+    thresholds_of,
+)
 from monitor.engine.base import Engine
 from monitor.observability import Metrics, default_metrics, get_logger
 from monitor.policy import Policy, PolicyEvaluator, parse_policy
@@ -65,6 +73,7 @@ class Pipeline:
         metrics: Metrics | None = None,
         sinks: Sequence[Sink] = (),
         base_dir: Path | None = None,
+        secrets: Mapping[str, str] | None = None,
         clock: Callable[[], float] = time.perf_counter,
         wall_clock: Callable[[], float] = time.time,
     ):
@@ -73,7 +82,9 @@ class Pipeline:
         self.registry = registry or default_registry()
         self.metrics = metrics or default_metrics()
         self.sinks = tuple(sinks)
-        self.context = DetectorContext(model=engine.info, base_dir=base_dir or Path.cwd())
+        self.context = DetectorContext(
+            model=engine.info, base_dir=base_dir or Path.cwd(), metrics=self.metrics, secrets=dict(secrets or {})
+        )
         self.clock, self.wall_clock = clock, wall_clock
         self.log = get_logger("cotmon.pipeline")
         prototypes = self.registry.create_all(self.specs, self.context)
@@ -83,9 +94,14 @@ class Pipeline:
         self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds) if policy.rules else policy
         engine.install([r for d in prototypes for r in d.readouts()])
 
-    def detectors(self, emit: Callable[[Sequence[Detection]], None]) -> list[Detector]:
-        """Fresh detector instances for one stream."""
-        return self.registry.create_all(self.specs, dataclasses.replace(self.context, emit=emit))
+    def detectors(self, emit: Callable[[Sequence[Detection]], None], scores: Mapping[str, float]) -> list[Detector]:
+        """Fresh detector instances for one stream (`scores`: that stream's best score per detector)."""
+        return self.registry.create_all(self.specs, dataclasses.replace(self.context, emit=emit, scores=scores))
+
+    @property
+    def holds(self) -> bool:
+        """Whether a rule says `hold`: the answer then waits for detectors still at work (the judge)."""
+        return any("hold" in rule.actions for rule in self.policy.rules)
 
     def generate(self, request: GenerationRequest) -> Session:
         """A session that generates for `request`."""
@@ -119,6 +135,7 @@ class Session:
         self.transcript: Transcript | None = None
         self._late: list[Detection] = []
         self._late_lock = threading.Lock()
+        self._best: dict[str, float] = {}
 
     def _emit(self, detections: Sequence[Detection]) -> None:
         with self._late_lock:
@@ -140,17 +157,25 @@ class Session:
     async def events(self) -> AsyncGenerator[StepEvent, None]:
         p = self.pipeline
         metrics = p.metrics
-        detectors = p.detectors(self._emit)
+        detectors = p.detectors(self._emit, self._best)
+        deferred = [d for d in detectors if isinstance(d, Deferred)]
         timers = {d.spec.name: metrics.detector_seconds.labels(d.spec.name) for d in detectors}
         evaluator = PolicyEvaluator(p.policy, p.thresholds)
         started = p.wall_clock()
         outcome: Outcome = "completed"
         error: str | None = None
+        holding = p.holds and bool(deferred)
         metrics.sessions_active.inc()
         try:
             async with aclosing(self._source) as source:
                 async for step in source:
                     arrived = p.clock()
+                    if holding and step.channel == "answer":
+                        # Hold: the answer is released only once the judge has read the reasoning.
+                        holding = False
+                        if any("halt" in f.actions for f in await self._settle(evaluator, deferred, detectors, arrived)):
+                            outcome = "halted"
+                            break
                     self.steps.append(step)
                     metrics.tokens.labels(step.channel).inc()
                     found: list[Detection] = self._take_late()
@@ -163,9 +188,10 @@ class Session:
                     if any("halt" in f.actions for f in flags):
                         outcome = "halted"
                         break
-            late = self._take_late()
-            if late:
-                self._evaluate(evaluator, late, self.steps[-1].index if self.steps else 0, p.clock(), detectors)
+            if outcome == "completed":
+                await self._settle(evaluator, deferred, detectors, p.clock())
+            else:
+                self._evaluate(evaluator, self._take_late(), self.steps[-1].index if self.steps else 0, p.clock(), detectors)
         except GeneratorExit:
             outcome = "aborted"
             raise
@@ -177,12 +203,22 @@ class Session:
             metrics.sessions_active.dec()
             self._finish(outcome, error, started)
 
+    async def _settle(
+        self, evaluator: PolicyEvaluator, deferred: Sequence[Deferred], detectors: Sequence[Detector], arrived: float
+    ) -> list[Flag]:
+        """Wait for detectors with work in flight, then evaluate what they handed in."""
+        for d in deferred:
+            await d.settle()
+        late = self._take_late()
+        return self._evaluate(evaluator, late, self.steps[-1].index if self.steps else 0, arrived, detectors) if late else []
+
     def _evaluate(
         self, evaluator: PolicyEvaluator, found: list[Detection], index: int, arrived: float, detectors: Sequence[Detector]
     ) -> list[Flag]:
         metrics = self.pipeline.metrics
         for det in found:
             metrics.detector_score.labels(det.detector, det.category).observe(det.score)
+            self._best[det.detector] = max(det.score, self._best.get(det.detector, 0.0))
         flags = evaluator.observe(found, index)
         for flag in flags:
             self._explain(flag, found, detectors)

@@ -30,6 +30,13 @@ class Settings(BaseModel):
     upstream_url: str | None = Field(None, description="Base URL (ending in /v1) of the OpenAI-compatible upstream server.")
     upstream_model: str | None = Field(None, description="Model name to ask the upstream for [the served model name].")
     upstream_api_key: str | None = Field(None, description="API key for the upstream server.")
+    judge_url: str | None = Field(
+        None,
+        description="The CoT judge (detector cot_judge): its LLM's OpenAI-compatible endpoint (ending in /v1), "
+        "or `triage` for the text classifier alone.",
+    )
+    judge_model: str | None = Field(None, description="Model the CoT judge asks at judge_url.")
+    judge_api_key: str | None = Field(None, description="API key for the judge endpoint (never stored in transcripts).")
     reader: str | None = Field(None, description="Upstream mode: the local model that reads the CoT [--model].")
     revision: str | None = Field(None, description="Model revision (commit) to load.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")

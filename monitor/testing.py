@@ -3,17 +3,27 @@
 `ScriptedEngine` plays back fixed readout values token by token through the real Engine
 protocol, so a policy or detector can be exercised without a model. It records how many steps
 were pulled from it, which is how tests check that a halt stopped generation. `ServerThread`
-serves an app on a loopback port for tests that use real HTTP clients.
+serves an app on a loopback port for tests that use real HTTP clients. `ScriptedJudge` is an
+OpenAI-compatible chat-completions server with scripted answers (good, garbage, errors, delays,
+dropped connections) that records what it was sent, for testing an LLM judge through real HTTP.
 """
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
-from collections.abc import AsyncGenerator, Mapping, Sequence
-from typing import Any
+from collections import deque
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
 
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+
+if TYPE_CHECKING:
+    from starlette.requests import Request
+    from starlette.types import ASGIApp, Receive, Scope, Send
 
 SCRIPTED_MODEL = ModelInfo(model_id="scripted", revision="0", d_model=8, n_layers=2)
 
@@ -96,3 +106,141 @@ class ServerThread:
     def __exit__(self, *exc: object) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=30)
+
+
+@dataclass(frozen=True)
+class JudgeReply:
+    """One scripted answer of `ScriptedJudge`."""
+
+    content: str = ""
+    """The assistant message's content; for a status other than 200, the error message."""
+    status: int = 200
+    delay_s: float = 0.0
+    """Seconds to wait before answering (to exercise timeouts); cut short when the client leaves."""
+    drop: bool = False
+    """An outage: send the status line, then close the connection without the answer."""
+
+
+JudgeScript = Sequence[JudgeReply | str] | Callable[[dict[str, Any]], JudgeReply | str]
+
+
+class ScriptedJudge:
+    """An OpenAI-compatible chat-completions server whose answers are scripted; records requests.
+
+    Use as a context manager: ``with ScriptedJudge(replies) as judge: judge.base_url`` (ends in /v1).
+    Serves ``POST /v1/chat/completions`` and ``GET /v1/models``.
+
+    Args:
+        replies: answers given in order (a str is a 200 answer with that content), or a function
+            of the request body that returns the answer.
+        default: the answer once `replies` has run out; without one, a 500.
+        model: the model id listed by /v1/models (completions echo the requested model).
+    """
+
+    def __init__(self, replies: JudgeScript = (), default: JudgeReply | str | None = None, model: str = "scripted-judge"):
+        self._script: deque[JudgeReply | str] | Callable[[dict[str, Any]], JudgeReply | str] = (
+            replies if callable(replies) else deque(replies)
+        )
+        self.default = default
+        self.model = model
+        self.requests: list[dict[str, Any]] = []
+        """JSON bodies of the chat-completion requests received, in order."""
+        self.headers: list[dict[str, str]] = []
+        """Their HTTP headers (lower-case names), in the same order."""
+        self._closing = threading.Event()
+        self._server = ServerThread(self._app())
+        self.base_url = ""
+
+    def __enter__(self) -> ScriptedJudge:
+        self._server.__enter__()
+        self.base_url = f"{self._server.base_url}/v1"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._closing.set()  # ends pending delays, so the server stops at once
+        self._server.__exit__(*exc)
+
+    def _app(self) -> Any:
+        from starlette.applications import Starlette
+        from starlette.routing import Route
+
+        return Starlette(
+            routes=[
+                Route("/v1/chat/completions", self._chat_completions, methods=["POST"]),
+                Route("/v1/models", self._models, methods=["GET"]),
+            ]
+        )
+
+    def _next_reply(self, body: dict[str, Any]) -> JudgeReply:
+        if callable(self._script):
+            reply: JudgeReply | str = self._script(body)
+        elif self._script:
+            reply = self._script.popleft()
+        elif self.default is not None:
+            reply = self.default
+        else:
+            reply = JudgeReply("the scripted judge has no reply left", status=500)
+        return JudgeReply(reply) if isinstance(reply, str) else reply
+
+    async def _chat_completions(self, request: Request) -> ASGIApp:
+        from starlette.responses import JSONResponse
+
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict):
+            return JSONResponse(_openai_error("the body must be a JSON object", 400), status_code=400)
+        self.requests.append(body)
+        self.headers.append(dict(request.headers))
+        reply = self._next_reply(body)
+        await self._wait(request, reply.delay_s)
+        if reply.drop:
+            return _drop_connection
+        if reply.status != 200:
+            return JSONResponse(_openai_error(reply.content, reply.status), status_code=reply.status)
+        return JSONResponse(self._completion(body, reply.content))
+
+    async def _models(self, request: Request) -> ASGIApp:
+        from starlette.responses import JSONResponse
+
+        return JSONResponse(
+            {"object": "list", "data": [{"id": self.model, "object": "model", "created": 0, "owned_by": "cotmon"}]}
+        )
+
+    async def _wait(self, request: Request, delay_s: float) -> None:
+        deadline = time.monotonic() + delay_s
+        while (left := deadline - time.monotonic()) > 0 and not self._closing.is_set():
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(min(left, 0.02))
+
+    def _completion(self, body: dict[str, Any], content: str) -> dict[str, Any]:
+        messages = body.get("messages")
+        prompt = (
+            sum(len(str(m.get("content", "")).split()) for m in messages if isinstance(m, dict))
+            if isinstance(messages, list)
+            else 0
+        )
+        completion = len(content.split())
+        return {
+            "id": f"chatcmpl-scripted-{len(self.requests)}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": str(body.get("model") or self.model),
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": content}, "logprobs": None, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
+        }
+
+
+def _openai_error(message: str, status: int) -> dict[str, Any]:
+    phrase = HTTPStatus(status).phrase if status in HTTPStatus._value2member_map_ else "error"
+    return {"error": {"message": message or phrase, "type": "scripted_error", "param": None, "code": status}}
+
+
+async def _drop_connection(scope: Scope, receive: Receive, send: Send) -> None:
+    """An ASGI app that starts a 200 answer and returns without its body: uvicorn closes the connection."""
+    headers = [(b"content-type", b"application/json"), (b"content-length", b"64")]
+    await send({"type": "http.response.start", "status": 200, "headers": headers})

@@ -71,13 +71,19 @@ def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics
         policy = load_policy(default_policy)
     else:
         policy = NO_RULES
+    if settings.judge_url:
+        args = {} if settings.judge_url == "triage" else {"url": settings.judge_url, "model": settings.judge_model or ""}
+        specs.append(DetectorSpec("cot_judge", "cot_judge", args))
     base_dir = Path.cwd()
     if settings.detectors is not None:
         specs += load_detector_specs(settings.detectors)
         base_dir = settings.detectors.resolve().parent
     sink = JsonlTranscriptSink(settings.transcripts_path)
     try:
-        return Pipeline(engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink], base_dir=base_dir)
+        secrets = {"judge_api_key": settings.judge_api_key} if settings.judge_api_key else {}
+        return Pipeline(
+            engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink], base_dir=base_dir, secrets=secrets
+        )
     except DetectorError as exc:
         where = f"{settings.detectors}: " if settings.detectors is not None else ""
         raise DetectorError(f"{where}{exc}") from exc
