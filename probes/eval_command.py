@@ -40,6 +40,11 @@ SPEC_HELP = (
     "--messages-field", default="messages", show_default=True, help="Field with the chat before the CoT, if a row has one."
 )
 @click.option(
+    "--category",
+    default=None,
+    help="Score only detections of this category (a judge scores several; `judge_unavailable` never counts).",
+)
+@click.option(
     "--aggregate",
     type=click.Choice(["mean", "max"]),
     default="mean",
@@ -59,6 +64,7 @@ def eval_command(
     label_field: str,
     positive: str | None,
     messages_field: str,
+    category: str | None,
     aggregate: str,
     limit: int | None,
     model: str | None,
@@ -126,7 +132,14 @@ def eval_command(
         ):
             task = bar.add_task("scoring items", total=len(items))
             report = evaluate(
-                engine, specs, items, ref, aggregate=agg, registry=registry, progress=lambda n: bar.advance(task, n)
+                engine,
+                specs,
+                items,
+                ref,
+                aggregate=agg,
+                registry=registry,
+                progress=lambda n: bar.advance(task, n),
+                category=category,
             )
     except (DetectorError, EngineError) as exc:
         raise click.ClickException(str(exc)) from None

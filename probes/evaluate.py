@@ -156,12 +156,15 @@ def parse_detector_spec(value: str, kinds: Collection[str]) -> DetectorSpec:
     )
 
 
-def item_score(transcript: Transcript, aggregate: Aggregate) -> dict[str, float]:
-    """Each detector's scores over the transcript's reasoning tokens, aggregated to one number."""
+UNAVAILABLE = "judge_unavailable"  # a failure marker, never a score of the text
+
+
+def item_score(transcript: Transcript, aggregate: Aggregate, category: str | None = None) -> dict[str, float]:
+    """Each detector's scores over the transcript's reasoning tokens (of one category, when given), as one number."""
     reasoning = {s.index for s in transcript.steps if s.channel == "reasoning"}
     scores: dict[str, list[float]] = {}
     for det in transcript.detections:
-        if det.start in reasoning:
+        if det.start in reasoning and det.category != UNAVAILABLE and category in (None, det.category):
             scores.setdefault(det.detector, []).append(det.score)
     reduce = max if aggregate == "max" else (lambda v: sum(v) / len(v))
     return {name: float(reduce(v)) for name, v in scores.items()}
@@ -172,6 +175,7 @@ async def score_items(
     items: Sequence[LabelledText],
     aggregate: Aggregate = "mean",
     progress: Callable[[int], None] | None = None,
+    category: str | None = None,
 ) -> list[ItemScore]:
     """Teacher-force every item's text as reasoning after its messages and score it."""
     scored = []
@@ -181,7 +185,7 @@ async def score_items(
         opened = pipeline.engine.prompt_opens_reasoning(messages)
         text = item.text if opened else f"{THINK_OPEN}\n{item.text}"
         transcript = await pipeline.teacher_force(messages, text, session_id=f"eval-{i}").run()
-        scored.append(ItemScore(item.id, item.label, item_score(transcript, aggregate)))
+        scored.append(ItemScore(item.id, item.label, item_score(transcript, aggregate, category)))
         if progress:
             progress(1)
     return scored
@@ -243,6 +247,7 @@ def evaluate(
     metrics: Metrics | None = None,
     base_dir: Path | None = None,
     progress: Callable[[int], None] | None = None,
+    category: str | None = None,
 ) -> Report:
     """Score `items` with the detectors of `specs` on `engine` and measure each detector.
 
@@ -257,7 +262,7 @@ def evaluate(
     pipeline = Pipeline(
         engine, specs, NO_RULES, registry=registry, metrics=metrics or Metrics(CollectorRegistry()), base_dir=base_dir
     )
-    scored = asyncio.run(score_items(pipeline, items, aggregate, progress))
+    scored = asyncio.run(score_items(pipeline, items, aggregate, progress, category))
     results = tuple(summarise(spec, scored, pipeline.thresholds.get(spec.name)) for spec in pipeline.specs)
     info = engine.info
     return Report(dataset, info.model_id, info.revision, aggregate, len(items), results, tuple(scored))
