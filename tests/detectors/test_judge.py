@@ -169,3 +169,31 @@ def test_eval_runs_the_judge_as_triage_only(tmp_path: Path) -> None:
     assert "cot_judge" in result.output and "AUROC" in result.output and "recall@1%FPR" in result.output
     report = json.loads((tmp_path / "o" / "report.json").read_text())
     assert report["detectors"][0]["auroc"] is not None
+
+
+def test_over_http_a_fail_closed_outage_ends_the_stream_before_any_answer(engine: HFEngine, tmp_path: Path) -> None:
+    """The official client sees reasoning only, then `content_filter`, and the cotmon object names the rule."""
+    import openai
+
+    from monitor.server.app import create_app
+    from monitor.settings import Settings
+    from monitor.testing import ServerThread
+
+    p, _ = pipeline(engine, [judge_spec(closed_port_url(), max_retries=0)], [HOLD_ON_OUTAGE])
+    app = create_app(Settings.load({}, data_dir=tmp_path / "data"), p, model_name="tiny")
+    with ServerThread(app) as server:
+        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+        stream = client.chat.completions.create(
+            model="tiny",
+            messages=[{"role": "user", "content": "Summarise the report."}],
+            max_tokens=40,
+            stream=True,
+            extra_body={"max_reasoning_tokens": 12, "ignore_eos": True, "seed": 1},
+        )
+        chunks = list(stream)
+    content = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    reasoning = "".join(getattr(c.choices[0].delta, "reasoning", None) or "" for c in chunks if c.choices)
+    assert content == "" and reasoning
+    final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
+    assert final.choices[0].finish_reason == "content_filter"
+    assert [f["rule"] for f in final.model_extra["cotmon"]["flags"]] == ["judge-down"]
