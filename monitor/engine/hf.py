@@ -9,6 +9,7 @@ closing the stream (a halt, a disconnect) stops generation before another token 
 from __future__ import annotations
 
 import asyncio
+import inspect
 import threading
 import uuid
 from collections import deque
@@ -58,6 +59,7 @@ class HFEngine:
         # The hooks write into per-engine buffers: one forward at a time.
         self._lock = threading.Lock()
         self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
+        self._cache_kwarg = cache_kwarg(model)
 
     @classmethod
     def load(
@@ -118,7 +120,8 @@ class HFEngine:
         """Logits of the last position and readouts of every position ([seq, n] or None)."""
         with self._lock, torch.inference_mode():
             ids = torch.tensor([input_ids], device=self.device)
-            out = self.model(input_ids=ids, past_key_values=cache, use_cache=cache is not None, logits_to_keep=1)
+            kwargs = {self._cache_kwarg: cache}
+            out = self.model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1, **kwargs)
             readouts = self._hooks.collect()[0] if self._hooks is not None else None
             return out.logits[0, -1].float(), readouts
 
@@ -189,6 +192,12 @@ class HFEngine:
         with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
             self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
         return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
+
+
+def cache_kwarg(model: Any) -> str:
+    """The name under which `model.forward` takes its KV cache: `cache` from transformers 5.24
+    (which deprecates `past_key_values`), `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 def _row(values: torch.Tensor | None, position: int) -> list[float] | None:
