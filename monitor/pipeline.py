@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import json
 import threading
 import time
 import uuid
@@ -18,7 +17,9 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol, runtime_checkable
+
+from prometheus_client import CollectorRegistry
 
 from monitor.detector import (
     Deferred,
@@ -39,6 +40,7 @@ from monitor.types import (
     DetectorSpec,
     Flag,
     GenerationRequest,
+    Mode,
     Outcome,
     TraceStep,
     Transcript,
@@ -49,6 +51,19 @@ class Sink(Protocol):
     """Receives every finished session's transcript (metrics and the log line are built in)."""
 
     def write(self, transcript: Transcript) -> None: ...
+
+
+@runtime_checkable
+class DurableSink(Protocol):
+    """A sink that commits a session the moment a rule fires (the transcript store).
+
+    `checkpoint` gets the session so far (outcome `running`) and returns once it is durable; only
+    then are the flags counted, so an alert never points at a transcript a crash could lose.
+    """
+
+    def write(self, transcript: Transcript) -> None: ...
+
+    def checkpoint(self, transcript: Transcript) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -94,9 +109,12 @@ class Pipeline:
         self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds) if policy.rules else policy
         engine.install([r for d in prototypes for r in d.readouts()])
 
-    def detectors(self, emit: Callable[[Sequence[Detection]], None], scores: Mapping[str, float]) -> list[Detector]:
+    def detectors(
+        self, emit: Callable[[Sequence[Detection]], None], scores: Mapping[str, float], metrics: Metrics | None = None
+    ) -> list[Detector]:
         """Fresh detector instances for one stream (`scores`: that stream's best score per detector)."""
-        return self.registry.create_all(self.specs, dataclasses.replace(self.context, emit=emit, scores=scores))
+        context = dataclasses.replace(self.context, emit=emit, scores=scores, metrics=metrics or self.metrics)
+        return self.registry.create_all(self.specs, context)
 
     @property
     def holds(self) -> bool:
@@ -107,12 +125,47 @@ class Pipeline:
         """A session that generates for `request`."""
         session_id = request.session_id or uuid.uuid4().hex
         request = dataclasses.replace(request, session_id=session_id)
-        return Session(self, session_id, tuple(request.messages), self.engine.stream(request))
+        return Session(self, session_id, tuple(request.messages), self.engine.stream(request), request=_request_params(request))
 
     def teacher_force(self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = "") -> Session:
         """A session that scores `assistant_text` as if the model had written it."""
         session_id = session_id or uuid.uuid4().hex
-        return Session(self, session_id, tuple(messages), self.engine.teacher_force(messages, assistant_text, session_id))
+        source = self.engine.teacher_force(messages, assistant_text, session_id)
+        return Session(self, session_id, tuple(messages), source, mode="teacher_force")
+
+    def replay(
+        self,
+        messages: Sequence[ChatMessage],
+        token_ids: Sequence[int],
+        *,
+        stepwise: bool,
+        session_id: str = "",
+        policy: Policy | None = None,
+        record: bool = True,
+    ) -> Session:
+        """A session that teacher-forces stored tokens (`stepwise`: as they were generated).
+
+        `policy` replaces the pipeline's for this session (validated against its detectors);
+        `record=False` keeps the session out of the sinks and the process's metrics, so replaying
+        in a serving process raises no alerts.
+        """
+        session_id = session_id or uuid.uuid4().hex
+        source = self.engine.force_tokens(messages, token_ids, session_id, stepwise=stepwise)
+        if policy is not None and policy.rules:
+            policy = parse_policy(policy.to_dict(), policy.source, self.thresholds)
+        return Session(self, session_id, tuple(messages), source, mode="replay", policy=policy, record=record)
+
+
+def _request_params(request: GenerationRequest) -> dict[str, Any]:
+    params = {
+        "max_tokens": request.max_tokens,
+        "temperature": request.temperature,
+        "top_p": request.top_p,
+        "seed": request.seed,
+        "max_reasoning_tokens": request.max_reasoning_tokens,
+        "ignore_eos": request.ignore_eos,
+    }
+    return {k: v for k, v in params.items() if v is not None}
 
 
 class Session:
@@ -123,19 +176,35 @@ class Session:
     """
 
     def __init__(
-        self, pipeline: Pipeline, session_id: str, messages: tuple[ChatMessage, ...], source: AsyncGenerator[TraceStep, None]
+        self,
+        pipeline: Pipeline,
+        session_id: str,
+        messages: tuple[ChatMessage, ...],
+        source: AsyncGenerator[TraceStep, None],
+        *,
+        mode: Mode = "generate",
+        request: Mapping[str, Any] | None = None,
+        policy: Policy | None = None,
+        record: bool = True,
     ):
         self.pipeline = pipeline
         self.session_id = session_id
         self.messages = messages
+        self.mode = mode
+        self.request = dict(request or {})
+        self.policy = policy or pipeline.policy
+        self.metrics = pipeline.metrics if record else Metrics(CollectorRegistry())
+        self.sinks = pipeline.sinks if record else ()
         self._source = source
         self.steps: list[TraceStep] = []
         self.detections: list[Detection] = []
         self.flags: list[Flag] = []
+        self.evaluations: list[tuple[int, int]] = []
         self.transcript: Transcript | None = None
         self._late: list[Detection] = []
         self._late_lock = threading.Lock()
         self._best: dict[str, float] = {}
+        self._started = 0.0
 
     def _emit(self, detections: Sequence[Detection]) -> None:
         with self._late_lock:
@@ -156,15 +225,15 @@ class Session:
 
     async def events(self) -> AsyncGenerator[StepEvent, None]:
         p = self.pipeline
-        metrics = p.metrics
-        detectors = p.detectors(self._emit, self._best)
+        metrics = self.metrics
+        detectors = p.detectors(self._emit, self._best, metrics)
         deferred = [d for d in detectors if isinstance(d, Deferred)]
         timers = {d.spec.name: metrics.detector_seconds.labels(d.spec.name) for d in detectors}
-        evaluator = PolicyEvaluator(p.policy, p.thresholds)
-        started = p.wall_clock()
+        evaluator = PolicyEvaluator(self.policy, p.thresholds)
+        self._started = p.wall_clock()
         outcome: Outcome = "completed"
         error: str | None = None
-        holding = p.holds and bool(deferred)
+        holding = any("hold" in rule.actions for rule in self.policy.rules) and bool(deferred)
         metrics.sessions_active.inc()
         try:
             async with aclosing(self._source) as source:
@@ -201,7 +270,7 @@ class Session:
             raise
         finally:
             metrics.sessions_active.dec()
-            self._finish(outcome, error, started)
+            self._finish(outcome, error)
 
     async def _settle(
         self, evaluator: PolicyEvaluator, deferred: Sequence[Deferred], detectors: Sequence[Detector], arrived: float
@@ -215,7 +284,7 @@ class Session:
     def _evaluate(
         self, evaluator: PolicyEvaluator, found: list[Detection], index: int, arrived: float, detectors: Sequence[Detector]
     ) -> list[Flag]:
-        metrics = self.pipeline.metrics
+        metrics = self.metrics
         for det in found:
             metrics.detector_score.labels(det.detector, det.category).observe(det.score)
             self._best[det.detector] = max(det.score, self._best.get(det.detector, 0.0))
@@ -223,8 +292,12 @@ class Session:
         for flag in flags:
             self._explain(flag, found, detectors)
         self.detections.extend(found)
-        for flag in flags:
-            self.flags.append(flag)
+        self.evaluations.append((index, len(self.detections)))
+        if not flags:
+            return flags
+        self.flags.extend(flags)
+        self._checkpoint()
+        for flag in flags:  # counted only once the flagged session is durable
             metrics.flags.labels(flag.category, flag.severity, flag.rule).inc()
             if "halt" in flag.actions:
                 metrics.halts.labels(flag.rule).inc()
@@ -238,7 +311,7 @@ class Session:
         token's detections from the detectors the rule reads (in place in `found`).
         """
         explainers = [d for d in detectors if isinstance(d, Explainer)]
-        rule = next((r for r in self.pipeline.policy.rules if r.name == flag.rule), None)
+        rule = next((r for r in self.policy.rules if r.name == flag.rule), None)
         if not explainers or rule is None:
             return
         start, end = max(0, flag.index - rule.lookback() + 1), flag.index + 1
@@ -250,9 +323,9 @@ class Session:
             if det.detector in readers:
                 found[i] = dataclasses.replace(det, evidence=det.evidence + evidence)
 
-    def _finish(self, outcome: Outcome, error: str | None, started: float) -> None:
+    def _transcript(self, outcome: Outcome, error: str | None = None) -> Transcript:
         p = self.pipeline
-        transcript = Transcript(
+        return Transcript(
             session_id=self.session_id,
             model=p.engine.info,
             messages=self.messages,
@@ -261,20 +334,38 @@ class Session:
             flags=tuple(self.flags),
             outcome=outcome,
             detector_specs=p.specs,
-            policy=p.policy.to_dict(),
-            started_at=started,
+            policy=self.policy.to_dict(),
+            started_at=self._started,
             ended_at=p.wall_clock(),
             error=error,
+            mode=self.mode,
+            request=self.request,
+            thresholds=dict(p.thresholds),
+            evaluations=tuple(self.evaluations),
         )
+
+    def _checkpoint(self) -> None:
+        """Commit the flagged session so far to every durable sink."""
+        durable = [sink for sink in self.sinks if isinstance(sink, DurableSink)]
+        if durable:
+            transcript = self._transcript("running")
+            for sink in durable:
+                self._deliver(sink, sink.checkpoint, transcript)
+
+    def _deliver(self, sink: Sink, write: Callable[[Transcript], None], transcript: Transcript) -> None:
+        try:
+            write(transcript)
+        except Exception as exc:  # a failing sink must not take the others (or the stream) down
+            self.metrics.store_errors.inc()
+            self.pipeline.log.error("sink_failed", session_id=self.session_id, sink=type(sink).__name__, error=str(exc))
+
+    def _finish(self, outcome: Outcome, error: str | None) -> None:
+        transcript = self._transcript(outcome, error)
         self.transcript = transcript
-        p.metrics.sessions.labels(outcome).inc()
-        for sink in p.sinks:
-            try:
-                sink.write(transcript)
-            except Exception as exc:  # a failing sink must not take the others down
-                p.metrics.store_errors.inc()
-                p.log.error("sink_failed", session_id=self.session_id, sink=type(sink).__name__, error=str(exc))
-        p.log.info("session", **session_summary(transcript))
+        self.metrics.sessions.labels(outcome).inc()
+        for sink in self.sinks:
+            self._deliver(sink, sink.write, transcript)
+        self.pipeline.log.info("session", **session_summary(transcript))
 
 
 def max_scores(detections: Sequence[Detection]) -> dict[str, float]:
@@ -310,63 +401,3 @@ def session_summary(t: Transcript) -> dict[str, Any]:
         "duration_s": round(t.ended_at - t.started_at, 4),
         "error": t.error,
     }
-
-
-def detection_to_dict(d: Detection) -> dict[str, Any]:
-    """Plain data for a detection; `evidence` only when it has some."""
-    out: dict[str, Any] = {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
-    if d.evidence:
-        out["evidence"] = [dataclasses.asdict(e) for e in d.evidence]
-    return out
-
-
-def transcript_to_dict(t: Transcript) -> dict[str, Any]:
-    """Plain data for a transcript (JSON-serialisable)."""
-    return {
-        "session_id": t.session_id,
-        "model": dataclasses.asdict(t.model),
-        "messages": [m.to_dict() for m in t.messages],
-        "steps": [
-            {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)}
-            for s in t.steps
-        ],
-        "detections": [detection_to_dict(d) for d in t.detections],
-        "flags": [f.to_dict() for f in t.flags],
-        "outcome": t.outcome,
-        "detector_specs": [s.to_dict() for s in t.detector_specs],
-        "policy": dict(t.policy),
-        "started_at": t.started_at,
-        "ended_at": t.ended_at,
-        "error": t.error,
-    }
-
-
-class JsonlTranscriptSink:
-    """Appends transcripts to a JSONL file: those a `store` rule kept, or all of them.
-
-    Stands in for the transcript store (SQLite/PostgreSQL) until it lands.
-    """
-
-    def __init__(self, path: Path, keep: Literal["flagged", "all"] = "flagged"):
-        self.path = path
-        self.keep = keep
-        self._lock = threading.Lock()
-
-    def wants(self, t: Transcript) -> bool:
-        return self.keep == "all" or any("store" in f.actions for f in t.flags)
-
-    def write(self, transcript: Transcript) -> None:
-        if not self.wants(transcript):
-            return
-        line = json.dumps(transcript_to_dict(transcript)) + "\n"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self._lock, self.path.open("a", encoding="utf-8") as fh:
-            fh.write(line)
-            fh.flush()
-
-
-def read_transcripts(path: Path) -> list[Mapping[str, Any]]:
-    """Transcripts written by `JsonlTranscriptSink`, as plain data."""
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]

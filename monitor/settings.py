@@ -44,6 +44,17 @@ class Settings(BaseModel):
     seed: int = Field(0, description="Seed of the tiny model and of sampling.")
     policy: Path | None = Field(None, description="Policy YAML; the bundled policies/default.yaml when unset.")
     data_dir: Path = Field(Path(".cotmon"), description="Where transcripts and trained probes are written.")
+    store_url: str | None = Field(
+        None,
+        description="Transcript store: a SQLAlchemy URL such as postgresql://user@host/db; "
+        "SQLite at <data_dir>/transcripts.db when unset.",
+    )
+    store_keep: Literal["all", "flagged", "sample"] = Field(
+        "flagged",
+        description="Which sessions the store keeps besides flagged ones (always kept): all, flagged (none), "
+        "or sample (a share store_sample of unflagged sessions).",
+    )
+    store_sample: float = Field(0.01, ge=0.0, le=1.0, description="With store_keep=sample: share of unflagged sessions kept.")
     log_format: Literal["json", "console"] = Field("json", description="structlog output format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     host: str = Field("127.0.0.1", description="Address `cotmon serve` listens on.")
@@ -79,8 +90,9 @@ class Settings(BaseModel):
             raise SettingsError(problems) from None
 
     @property
-    def transcripts_path(self) -> Path:
-        return self.data_dir / "transcripts.jsonl"
+    def store_location(self) -> str:
+        """The store's SQLAlchemy URL: store_url, or SQLite under data_dir."""
+        return self.store_url or f"sqlite:///{(self.data_dir / 'transcripts.db').resolve()}"
 
     @property
     def probes_dir(self) -> Path:

@@ -77,6 +77,12 @@ class ScriptedEngine:
     ) -> AsyncGenerator[TraceStep, None]:
         return self._play(session_id)
 
+    def force_tokens(
+        self, messages: Sequence[ChatMessage], token_ids: Sequence[int], session_id: str = "", *, stepwise: bool = False
+    ) -> AsyncGenerator[TraceStep, None]:
+        """Plays the script again (its token ids are the step indices)."""
+        return self._play(session_id)
+
 
 class ServerThread:
     """Runs an ASGI app with uvicorn on a free loopback port in a background thread.

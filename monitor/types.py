@@ -17,7 +17,10 @@ Channel = Literal["reasoning", "answer"]
 
 Severity = Literal["info", "warning", "critical"]
 Action = Literal["alert", "store", "halt", "hold"]
-Outcome = Literal["completed", "halted", "aborted", "error"]
+Outcome = Literal["completed", "halted", "aborted", "error", "running"]
+"""How a session ended; `running` only in a checkpoint written while it was still going."""
+Mode = Literal["generate", "teacher_force", "replay"]
+"""Where a session's tokens came from: generated, a given text teacher-forced, or a stored session replayed."""
 
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 ACTIONS: tuple[Action, ...] = ("alert", "store", "halt", "hold")
@@ -232,6 +235,22 @@ class Transcript:
     """Unix time of the first token request."""
     ended_at: float
     error: str | None = None
+    mode: Mode = "generate"
+    """How the tokens were produced; a replay forces them the same way."""
+    request: Mapping[str, Any] = field(default_factory=dict)
+    """Generation parameters (max_tokens, temperature, top_p, seed, ...) when generated."""
+    thresholds: Mapping[str, float | None] = field(default_factory=dict)
+    """Each detector's calibrated threshold when the session ran (what `calibrated` bounds meant)."""
+    evaluations: tuple[tuple[int, int], ...] = ()
+    """The policy's evaluations in order: (token index, number of `detections` seen by then).
+
+    Re-running a policy over the stored detections in these steps gives exactly the flags it
+    would have raised live (`cotmon replay --all`).
+    """
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.flags)
 
     @property
     def reasoning(self) -> str:

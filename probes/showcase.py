@@ -29,10 +29,11 @@ from sklearn.metrics import roc_auc_score
 
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
-from monitor.pipeline import JsonlTranscriptSink, Pipeline
+from monitor.pipeline import Pipeline
 from monitor.policy import load_policy
 from monitor.server.app import create_app
 from monitor.settings import Settings
+from monitor.store import TranscriptStore
 from monitor.testing import ServerThread
 from monitor.types import ChatMessage, DetectorSpec
 from policies import bundled_policy
@@ -69,11 +70,12 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    transcripts_path = out / "transcripts.jsonl"
-    transcripts_path.unlink(missing_ok=True)
     policy_path = settings.policy or bundled_policy("default")
-    pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[JsonlTranscriptSink(transcripts_path)])
-    with ServerThread(create_app(settings, pipeline, metrics=metrics, model_name=info.model_id)) as server:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = TranscriptStore(settings.store_location, keep="all")  # the examples keep their ids: a rerun replaces them
+    pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[store])
+    app = create_app(settings, pipeline, store=store, metrics=metrics, model_name=info.model_id)
+    with store, ServerThread(app) as server:
         console.print(
             f"\ncotmon is serving {info.model_id!r} at {server.base_url}/v1 (OpenAI-compatible); "
             f"metrics: {server.base_url}/metrics"
@@ -88,7 +90,7 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     console.print("\n[bold]Prometheus metrics[/bold] (excerpt of GET /metrics)")
     for line in interesting:
         console.print(f"  {line}")
-    console.print(f"\nFlagged transcripts stored in {transcripts_path}; probe artifacts in {out / 'probes'}")
+    console.print(f"\nTranscripts stored in {settings.store_location}; probe artifacts in {out / 'probes'}")
 
 
 @dataclass(frozen=True)

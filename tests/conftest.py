@@ -13,11 +13,12 @@ from prometheus_client import CollectorRegistry
 from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
-from monitor.pipeline import JsonlTranscriptSink, Pipeline
+from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.server.app import create_app
 from monitor.server.serve import NO_RULES
 from monitor.settings import Settings
+from monitor.store import TranscriptStore
 from monitor.testing import ServerThread
 from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
@@ -116,12 +117,14 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
         specs = [spec] if the_engine is engine or rules else []
         policy = parse_policy({"name": "test", "rules": rules or [NEVER]}, "test.yaml") if specs else NO_RULES
         metrics = Metrics(CollectorRegistry())
-        pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[JsonlTranscriptSink(settings.transcripts_path)])
-        server_app = create_app(settings, pipeline, model_name="tiny")
+        store = TranscriptStore.at(settings.data_dir, keep=settings.store_keep, sample_rate=settings.store_sample)
+        pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[store])
+        server_app = create_app(settings, pipeline, store=store, model_name="tiny")
         server = ServerThread(server_app).__enter__()
         server.pipeline = pipeline  # type: ignore[attr-defined]
         server.metrics = metrics  # type: ignore[attr-defined]
         server.settings = settings  # type: ignore[attr-defined]
+        server.store = store  # type: ignore[attr-defined]
         server.admission = server_app.state.cotmon.admission  # type: ignore[attr-defined]
         stack.append(server)
         return server

@@ -43,3 +43,11 @@ class Engine(Protocol):
     ) -> AsyncGenerator[TraceStep, None]:
         """The steps the model would produce had it generated `assistant_text` itself."""
         ...
+
+    def force_tokens(
+        self, messages: Sequence[ChatMessage], token_ids: Sequence[int], session_id: str = "", *, stepwise: bool = False
+    ) -> AsyncGenerator[TraceStep, None]:
+        """Teacher-force exact token ids (a stored session's); `stepwise` feeds them one at a time
+        with a KV cache, the arithmetic of generation, so a generated session's readouts come back
+        bit for bit; otherwise in one forward, as `teacher_force` does."""
+        ...

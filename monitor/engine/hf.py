@@ -167,17 +167,29 @@ class HFEngine:
             if final:
                 return
 
-    async def teacher_force(
+    def teacher_force(
         self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
+    ) -> AsyncGenerator[TraceStep, None]:
+        return self.force_tokens(messages, self.encode(assistant_text), session_id)
+
+    async def force_tokens(
+        self, messages: Sequence[ChatMessage], token_ids: Sequence[int], session_id: str = "", *, stepwise: bool = False
     ) -> AsyncGenerator[TraceStep, None]:
         session_id = session_id or uuid.uuid4().hex
         prompt_text = self.render_prompt(messages)
-        prompt_ids, text_ids = self.encode(prompt_text), self.encode(assistant_text)
+        prompt_ids, text_ids = self.encode(prompt_text), list(token_ids)
         if not text_ids:
             return
-        _, values = await asyncio.to_thread(self._forward, prompt_ids + text_ids, None)
         decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
         last = len(text_ids) - 1
+        if stepwise:  # the calls `stream` makes, so the arithmetic (and the readouts) are the same
+            cache = DynamicCache()
+            await asyncio.to_thread(self._forward, prompt_ids, cache)
+            for index, token in enumerate(text_ids):
+                _, values = await asyncio.to_thread(self._forward, [token], cache)
+                yield self._step(session_id, index, token, decoder, tracker, _row(values, 0), index == last)
+            return
+        _, values = await asyncio.to_thread(self._forward, prompt_ids + text_ids, None)
         for index, token in enumerate(text_ids):
             yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
 

@@ -92,11 +92,16 @@ class UpstreamEngine:
         for step in await forcer.finish():
             yield step
 
-    async def teacher_force(
+    def teacher_force(
         self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
     ) -> AsyncGenerator[TraceStep, None]:
-        async for step in self.reader.teacher_force(messages, assistant_text, session_id):
-            yield step
+        return self.reader.teacher_force(messages, assistant_text, session_id)
+
+    def force_tokens(
+        self, messages: Sequence[ChatMessage], token_ids: Sequence[int], session_id: str = "", *, stepwise: bool = False
+    ) -> AsyncGenerator[TraceStep, None]:
+        """Replays read stored tokens with the reader; the upstream is not asked."""
+        return self.reader.force_tokens(messages, token_ids, session_id, stepwise=stepwise)
 
 
 def _delta(data: str) -> dict[str, Any]:

@@ -6,6 +6,7 @@ validates a file and names the file, the rule and the field in every error; `Pol
 keeps one stream's score histories and says which rules fire at each token.
 """
 
+from monitor.policy.backtest import ScoreColumns, backtest
 from monitor.policy.evaluate import PolicyEvaluator
 from monitor.policy.model import (
     COMPARISONS,
@@ -37,8 +38,10 @@ __all__ = [
     "PolicyError",
     "PolicyEvaluator",
     "Rule",
+    "ScoreColumns",
     "Stat",
     "When",
+    "backtest",
     "load_policy",
     "parse_policy",
 ]

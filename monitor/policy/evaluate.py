@@ -9,7 +9,8 @@ from itertools import islice
 from monitor.policy.model import COMPARE, SYMBOLS, AllOf, Bound, Condition, NotOf, Policy, PolicyError, Rule, When, conditions_of
 from monitor.types import Detection, Flag
 
-_Key = tuple[str, str | None]  # a score history: (detector, None) for all its detections, or one category's
+Key = tuple[str, str | None]
+"""A score history: (detector, None) for all its detections, or (detector, category) for one category's."""
 
 
 class PolicyEvaluator:
@@ -24,9 +25,9 @@ class PolicyEvaluator:
         """Resolve `calibrated` bounds from `thresholds`; PolicyError if a detector there has none."""
         self.policy = policy
         self._bounds: dict[Condition, tuple[float, float]] = {}  # (value, over) with `calibrated` resolved
-        self._pending: list[tuple[Rule, frozenset[_Key]]] = []  # rules not fired yet, with their histories
+        self._pending: list[tuple[Rule, frozenset[Key]]] = []  # rules not fired yet, with their histories
         self._started = False
-        sizes: dict[_Key, int] = {}
+        sizes: dict[Key, int] = {}
         for rule in policy.rules:
             conditions = list(conditions_of(rule.when))
             for c in conditions:
@@ -34,9 +35,9 @@ class PolicyEvaluator:
                     _resolve(policy, rule, c, c.value, thresholds or {}),
                     _resolve(policy, rule, c, c.over, thresholds or {}),
                 )
-                sizes[_key(c)] = max(sizes.get(_key(c), 1), c.window)
-            self._pending.append((rule, frozenset(map(_key, conditions))))
-        self._history: dict[_Key, deque[float]] = {key: deque(maxlen=size) for key, size in sizes.items()}
+                sizes[key_of(c)] = max(sizes.get(key_of(c), 1), c.window)
+            self._pending.append((rule, frozenset(map(key_of, conditions))))
+        self._history: dict[Key, deque[float]] = {key: deque(maxlen=size) for key, size in sizes.items()}
 
     def observe(self, detections: Sequence[Detection], index: int) -> list[Flag]:
         """Record `detections` (found at token `index`); return the flags of rules that fire now.
@@ -44,13 +45,35 @@ class PolicyEvaluator:
         Each rule fires at most once per stream. A rule is evaluated at the first call and then
         only when one of its histories got a score, since nothing else can change its outcome.
         """
-        touched: set[_Key] = set()
+        touched: set[Key] = set()
         for det in detections:
             for key in ((det.detector, None), (det.detector, det.category)):
                 if (history := self._history.get(key)) is not None:
                     history.append(det.score)
                     touched.add(key)
         first, self._started = not self._started, True
+        return self._fire(index, touched, first)
+
+    @property
+    def windows(self) -> dict[Key, int]:
+        """Each score history the policy reads, with how many of its latest scores it keeps."""
+        return {key: history.maxlen or 1 for key, history in self._history.items()}
+
+    def bounds(self, cond: Condition) -> tuple[float, float]:
+        """The condition's bound and `over`, with `calibrated` resolved."""
+        return self._bounds[cond]
+
+    def jump(self, histories: Mapping[Key, Iterable[float]], touched: set[Key], index: int, *, first: bool) -> list[Flag]:
+        """Set the histories to `histories` (the latest scores of each key) and evaluate as `observe`
+        would after the call that left them so: the flags of the rules it touched (of every rule at
+        the `first` call). A policy-only replay jumps to the calls where a rule can fire."""
+        for key, history in self._history.items():
+            history.clear()
+            history.extend(histories.get(key, ()))
+        self._started = True
+        return self._fire(index, touched, first)
+
+    def _fire(self, index: int, touched: set[Key], first: bool) -> list[Flag]:
         flags = [
             Flag(rule.name, rule.category, rule.severity, rule.actions, index, self._explain(rule.when))
             for rule, keys in self._pending
@@ -91,7 +114,7 @@ class PolicyEvaluator:
 
     def _value(self, cond: Condition) -> float | None:
         """The condition's statistic over its window; None while its history is empty."""
-        history = self._history[_key(cond)]
+        history = self._history[key_of(cond)]
         if not history:
             return None
         n = len(history)
@@ -113,7 +136,7 @@ class PolicyEvaluator:
         return value
 
 
-def _key(cond: Condition) -> _Key:
+def key_of(cond: Condition) -> Key:
     return cond.detector, cond.category
 
 

@@ -21,6 +21,7 @@ from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
 from monitor.server.protocol import APIError, error_body
 from monitor.settings import Settings
+from monitor.store import TranscriptStore
 
 
 class Admission:
@@ -61,6 +62,8 @@ class ServerState:
     metrics: Metrics
     model_name: str
     admission: Admission
+    store: TranscriptStore | None
+    """Where sessions are kept; None serves no session routes (404s with a clear message)."""
 
 
 class BodyLimit:
@@ -130,9 +133,15 @@ async def _send_error(send: Send, err: APIError) -> None:
 
 
 def create_app(
-    settings: Settings, pipeline: Pipeline, *, metrics: Metrics | None = None, model_name: str | None = None
+    settings: Settings,
+    pipeline: Pipeline,
+    *,
+    store: TranscriptStore | None = None,
+    metrics: Metrics | None = None,
+    model_name: str | None = None,
 ) -> FastAPI:
-    """The API for `pipeline`, served under `model_name` (default: the model id)."""
+    """The API for `pipeline`, served under `model_name` (default: the model id); `store` is the
+    pipeline's transcript store, which the session routes and the viewer read."""
     from monitor.server.routes import router
 
     app = FastAPI(title="cotmon", version="0.1.0", description="OpenAI-compatible API with chain-of-thought monitoring.")
@@ -142,6 +151,7 @@ def create_app(
         metrics=metrics or pipeline.metrics,
         model_name=model_name or settings.served_model_name or pipeline.engine.info.model_id,
         admission=Admission(settings.max_concurrent, settings.max_queued),
+        store=store,
     )
     app.include_router(router)
     log = get_logger("cotmon.server")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import tempfile
@@ -17,6 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
 from monitor.pipeline import Session, max_scores, mean_scores
+from monitor.server import sessions
 from monitor.server.app import ServerState
 from monitor.server.protocol import (
     APIError,
@@ -31,6 +33,7 @@ from monitor.server.protocol import (
     usage,
 )
 from monitor.server.stream import DeltaSplitter, split_steps
+from monitor.store import StoreError
 from monitor.types import GenerationRequest
 
 DEFAULT_MAX_TOKENS = 512
@@ -64,7 +67,7 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The model is loaded and the data directory is writable."""
+    """The model is loaded, the data directory is writable and the transcript store answers."""
     s = state(request)
     try:
         s.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -72,6 +75,11 @@ async def readyz(request: Request) -> JSONResponse:
             pass
     except OSError as exc:
         return JSONResponse({"status": "not ready", "reason": f"data dir not writable: {exc}"}, status_code=503)
+    if s.store is not None:
+        try:
+            await asyncio.to_thread(s.store.ping)
+        except StoreError as exc:
+            return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
     return JSONResponse({"status": "ready", "model": s.model_name})
 
 
@@ -214,4 +222,5 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
     )
 
 
+protected.include_router(sessions.router)
 router.include_router(protected)

@@ -13,10 +13,11 @@ from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.engine.upstream import UpstreamEngine
 from monitor.observability import Metrics, default_metrics, get_logger
-from monitor.pipeline import JsonlTranscriptSink, Pipeline
+from monitor.pipeline import Pipeline
 from monitor.policy import Policy, load_policy
 from monitor.server.app import create_app
 from monitor.settings import Settings
+from monitor.store import TranscriptStore
 from monitor.types import DetectorSpec
 
 NO_RULES = Policy(name="none", description="no detectors are configured", rules=(), source="<no policy>")
@@ -47,7 +48,16 @@ def probe_specs(directory: Path | None) -> list[DetectorSpec]:
     ]
 
 
-def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics | None = None) -> Pipeline:
+def open_store(settings: Settings) -> TranscriptStore:
+    """The transcript store the settings name (SQLite under data_dir by default), migrated to the newest schema."""
+    if settings.store_url is None:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
+    return TranscriptStore(settings.store_location, keep=settings.store_keep, sample_rate=settings.store_sample)
+
+
+def build_pipeline(
+    settings: Settings, default_policy: Path, *, metrics: Metrics | None = None, store: TranscriptStore | None = None
+) -> Pipeline:
     """Engine + detectors (`settings.probes`, `settings.detectors`) + policy (the given one, or
     `default_policy` when there are probes)."""
     reader = HFEngine.load(
@@ -78,11 +88,16 @@ def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics
     if settings.detectors is not None:
         specs += load_detector_specs(settings.detectors)
         base_dir = settings.detectors.resolve().parent
-    sink = JsonlTranscriptSink(settings.transcripts_path)
     try:
         secrets = {"judge_api_key": settings.judge_api_key} if settings.judge_api_key else {}
         return Pipeline(
-            engine, specs, policy, metrics=metrics or default_metrics(), sinks=[sink], base_dir=base_dir, secrets=secrets
+            engine,
+            specs,
+            policy,
+            metrics=metrics or default_metrics(),
+            sinks=[store] if store is not None else [],
+            base_dir=base_dir,
+            secrets=secrets,
         )
     except DetectorError as exc:
         where = f"{settings.detectors}: " if settings.detectors is not None else ""
@@ -90,8 +105,9 @@ def build_pipeline(settings: Settings, default_policy: Path, *, metrics: Metrics
 
 
 def build_app(settings: Settings, default_policy: Path) -> FastAPI:
-    pipeline = build_pipeline(settings, default_policy)
-    return create_app(settings, pipeline, model_name=settings.served_model_name or settings.model)
+    store = open_store(settings)
+    pipeline = build_pipeline(settings, default_policy, store=store)
+    return create_app(settings, pipeline, store=store, model_name=settings.served_model_name or settings.model)
 
 
 def serve(settings: Settings, default_policy: Path) -> None:

@@ -42,7 +42,8 @@ def test_settings_come_from_defaults_then_environment_then_overrides() -> None:
     assert Settings.load({}).model == "tiny"
     assert Settings.load({"COTMON_MODEL": "org/m"}).model == "org/m"
     assert Settings.load({"COTMON_MODEL": "org/m"}, model="other").model == "other"
-    assert Settings.load({"COTMON_DATA_DIR": "/x"}).transcripts_path == Path("/x/transcripts.jsonl")
+    assert Settings.load({"COTMON_DATA_DIR": "/x"}).store_location == "sqlite:////x/transcripts.db"
+    assert Settings.load({"COTMON_STORE_URL": "postgresql://db/cotmon"}).store_location == "postgresql://db/cotmon"
 
 
 def test_bad_setting_names_the_variable() -> None:

@@ -17,8 +17,9 @@ from conftest import ProbeFactory
 from monitor.detector import DetectorContext, DetectorRegistry
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics, configure_logging
-from monitor.pipeline import JsonlTranscriptSink, Pipeline, read_transcripts
+from monitor.pipeline import Pipeline
 from monitor.policy import PolicyError, parse_policy
+from monitor.store import TranscriptStore
 from monitor.testing import ScriptedEngine
 from monitor.types import ChatMessage, Detection, DetectorSpec, GenerationRequest, Readout, TraceStep
 
@@ -121,8 +122,8 @@ async def test_halt_with_scripted_engine_pulls_no_further_token(metrics: Metrics
     assert transcript.outcome == "halted" and len(transcript.steps) == 4 and engine.pulled == 4
 
 
-async def test_flagged_transcript_goes_to_the_jsonl_sink_and_unflagged_does_not(tmp_path: Path, metrics: Metrics) -> None:
-    sink = JsonlTranscriptSink(tmp_path / "t.jsonl")
+async def test_flagged_transcript_goes_to_the_store_and_unflagged_does_not(tmp_path: Path, metrics: Metrics) -> None:
+    sink = TranscriptStore.at(tmp_path)
     rule = {**HALT_RULE, "actions": ["alert", "store"]}
     flagged = Pipeline(
         _scripted([0, 4, 0]),
@@ -142,10 +143,10 @@ async def test_flagged_transcript_goes_to_the_jsonl_sink_and_unflagged_does_not(
         sinks=[sink],
     )
     await calm.generate(GenerationRequest(MESSAGES, session_id="calm")).run()
-    stored = read_transcripts(tmp_path / "t.jsonl")
-    assert [t["session_id"] for t in stored] == ["flagged"]
-    assert stored[0]["flags"][0]["rule"] == "halt-it" and stored[0]["detector_specs"][0]["kind"] == "readout_score"
-    assert len(stored[0]["steps"]) == 3 and stored[0]["policy"]["name"] == "test"
+    assert [s.session_id for s in sink.sessions()] == ["flagged"]
+    stored = sink.get("flagged")
+    assert stored is not None and stored.flags[0].rule == "halt-it" and stored.detector_specs[0].kind == "readout_score"
+    assert len(stored.steps) == 3 and stored.policy["name"] == "test"
 
 
 async def test_metrics_count_tokens_flags_scores_and_sessions(metrics: Metrics) -> None:
@@ -238,16 +239,16 @@ class BrokenEngine(ScriptedEngine):
 
 async def test_an_engine_crash_still_stores_the_flagged_transcript(tmp_path: Path, metrics: Metrics) -> None:
     engine = BrokenEngine([(f"t{i}", "reasoning") for i in range(6)], [{"s": 4.0}] * 6)
-    sink = JsonlTranscriptSink(tmp_path / "t.jsonl")
+    sink = TranscriptStore.at(tmp_path)
     rule = {**HALT_RULE, "actions": ["alert", "store"]}
     pipeline = Pipeline(
         engine, [DetectorSpec("readout_score", "s")], _policy([rule]), registry=_registry(), metrics=metrics, sinks=[sink]
     )  # type: ignore[arg-type]
     with pytest.raises(RuntimeError, match="device lost"):
         await pipeline.generate(GenerationRequest(MESSAGES, session_id="crash")).run()
-    stored = read_transcripts(tmp_path / "t.jsonl")
-    assert [(t["session_id"], t["outcome"], len(t["steps"])) for t in stored] == [("crash", "error", 3)]
-    assert "device lost" in stored[0]["error"]
+    stored = sink.get("crash")
+    assert stored is not None and (stored.outcome, len(stored.steps)) == ("error", 3)
+    assert stored.error is not None and "device lost" in stored.error
 
 
 async def test_cancelling_the_consumer_records_an_aborted_session(

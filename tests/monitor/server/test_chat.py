@@ -13,7 +13,6 @@ import openai
 import pytest
 
 from conftest import HALT_AT_FIFTH, Serve
-from monitor.pipeline import read_transcripts
 from monitor.server.routes import SESSION_HEADER
 from monitor.testing import ScriptedEngine
 from monitor.types import TraceStep
@@ -84,8 +83,8 @@ def test_a_halt_ends_the_stream_with_content_filter(serve: Serve) -> None:
     cotmon = (last.model_extra or {})["cotmon"]
     assert cotmon["outcome"] == "halted" and [f["rule"] for f in cotmon["flags"]] == ["halt-fifth"]
     assert cotmon["flags"][0]["index"] == 4
-    stored = read_transcripts(server.settings.transcripts_path)
-    assert [(t["outcome"], len(t["steps"])) for t in stored] == [("halted", 5)]
+    stored = server.store.get(cotmon["session_id"])
+    assert stored is not None and (stored.outcome, len(stored.steps)) == ("halted", 5)
 
 
 def test_non_streaming_halt_reports_content_filter(serve: Serve) -> None:

@@ -1,0 +1,17 @@
+"""Transcripts that outlive the process: SQLite by default, PostgreSQL at scale (`COTMON_STORE_URL`)."""
+
+from monitor.store.codec import TranscriptFormatError, transcript_from_dict, transcript_to_dict
+from monitor.store.store import RETENTIONS, Retention, SessionQuery, SessionSummary, StoreError, TranscriptStore, parse_time
+
+__all__ = [
+    "RETENTIONS",
+    "Retention",
+    "SessionQuery",
+    "SessionSummary",
+    "StoreError",
+    "TranscriptFormatError",
+    "TranscriptStore",
+    "parse_time",
+    "transcript_from_dict",
+    "transcript_to_dict",
+]

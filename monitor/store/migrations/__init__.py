@@ -1,0 +1,1 @@
+"""Alembic migrations of the transcript store; `monitor.store.migrate` runs them."""

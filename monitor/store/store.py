@@ -1,0 +1,413 @@
+"""`TranscriptStore`: sessions in SQLite (default, WAL) or PostgreSQL, through SQLAlchemy Core.
+
+It is a pipeline sink: `write` keeps a finished session by the retention setting (every flagged
+session always), and `checkpoint` commits a flagged session the moment a rule fires, before the
+pipeline counts the flag. Reads return summaries for lists, whole transcripts, and the packed
+detections a policy-only replay needs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import sqlalchemy as sa
+from sqlalchemy.engine import Connection, Engine
+
+from monitor.store import codec
+from monitor.store.schema import flags, metadata, session_data, sessions
+from monitor.types import SEVERITIES, Flag, Severity, Transcript
+
+Retention = Literal["all", "flagged", "sample"]
+RETENTIONS: tuple[Retention, ...] = ("all", "flagged", "sample")
+PREVIEW_CHARS = 240
+
+
+class StoreError(RuntimeError):
+    """The store cannot be opened or used (bad URL, unreachable database, failed migration)."""
+
+
+@dataclass(frozen=True)
+class SessionQuery:
+    """Filters for listing sessions; every field narrows the result."""
+
+    flagged: bool | None = None
+    category: str | None = None
+    """Sessions with a flag of this category."""
+    rule: str | None = None
+    """Sessions with a flag from this rule."""
+    severity: Severity | None = None
+    """Sessions whose highest flag severity is at least this."""
+    outcome: str | None = None
+    since: float | None = None
+    """Unix time: sessions started at or after it."""
+    until: float | None = None
+    """Unix time: sessions started before it."""
+    limit: int | None = 50
+    offset: int = 0
+
+
+@dataclass(frozen=True)
+class SessionSummary:
+    """One session as lists show it."""
+
+    session_id: str
+    started_at: float
+    ended_at: float
+    outcome: str
+    mode: str
+    model_id: str
+    model_revision: str
+    flagged: bool
+    severity: str | None
+    n_tokens: int
+    n_reasoning: int
+    preview: str
+    policy_name: str
+    max_scores: dict[str, float]
+    thresholds: dict[str, float | None]
+    flags: tuple[Flag, ...] = field(default=())
+
+    def to_dict(self) -> dict[str, Any]:
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "flags"}
+        return out | {"flags": [f.to_dict() for f in self.flags]}
+
+
+def parse_time(text: str, now: float | None = None) -> float:
+    """Unix time from `1764460800`, an ISO 8601 date or time (UTC unless it says), or an age such
+    as `30m`, `12h`, `7d` (that long before `now`). ValueError says what is accepted."""
+    import datetime as dt
+
+    value = text.strip()
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+    try:
+        if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
+            return (time.time() if now is None else now) - float(value[:-1]) * units[value[-1]]
+        return float(value)
+    except ValueError:
+        pass
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not a time: use unix seconds, ISO 8601 (2026-11-30T12:00) or an age (30m, 12h, 7d)"
+        ) from None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
+
+
+def sqlite_url(data_dir: Path) -> str:
+    return f"sqlite:///{(data_dir / 'transcripts.db').resolve()}"
+
+
+def normalise_url(url: str) -> str:
+    """`postgresql://` means psycopg 3 here (the driver cotmon installs)."""
+    for prefix in ("postgresql://", "postgres://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url[len(prefix) :]
+    return url
+
+
+def sampled(session_id: str, rate: float) -> bool:
+    """Whether an unflagged session falls in the kept sample; the same answer for the same id."""
+    return int.from_bytes(hashlib.sha256(session_id.encode()).digest()[:8], "big") < rate * 2**64
+
+
+def highest_severity(found: Sequence[Flag]) -> Severity | None:
+    ranks = [SEVERITIES.index(f.severity) for f in found]
+    return SEVERITIES[max(ranks)] if ranks else None
+
+
+class TranscriptStore:
+    """Durable sessions; see the module docstring.
+
+    Args:
+        url: SQLAlchemy URL (`sqlite:///path.db`, `postgresql://user@host/db`).
+        keep: which finished sessions to keep besides flagged ones: `all`, `flagged` (none), or
+            `sample` (a share `sample_rate` of unflagged sessions, chosen by session id).
+        clock: unix time for `stored_at`.
+    """
+
+    def __init__(self, url: str, *, keep: Retention = "flagged", sample_rate: float = 0.0, clock: Any = time.time):
+        if keep not in RETENTIONS:
+            raise StoreError(f"store retention {keep!r} is not one of {', '.join(RETENTIONS)}")
+        if not 0.0 <= sample_rate <= 1.0:
+            raise StoreError(f"store sample rate {sample_rate} is not in [0, 1]")
+        self.url = normalise_url(url)
+        self.keep, self.sample_rate, self.clock = keep, sample_rate, clock
+        try:
+            self.engine = _create_engine(self.url)
+            migrate(self.engine)
+        except (sa.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+            raise StoreError(f"cannot open the transcript store at {_redacted(self.url)}: {exc}") from exc
+
+    @classmethod
+    def at(cls, data_dir: Path, **kwargs: Any) -> TranscriptStore:
+        """The default SQLite store under `data_dir`."""
+        data_dir.mkdir(parents=True, exist_ok=True)
+        return cls(sqlite_url(data_dir), **kwargs)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def __enter__(self) -> TranscriptStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- writing --------------------------------------------------------------------------------
+
+    def wants(self, t: Transcript) -> bool:
+        """Whether retention keeps this finished session."""
+        if t.flagged or self.keep == "all":
+            return True
+        return self.keep == "sample" and sampled(t.session_id, self.sample_rate)
+
+    def write(self, transcript: Transcript) -> None:
+        """Keep a finished session if retention says so (replacing its checkpoint, if any)."""
+        if self.wants(transcript):
+            self.save(transcript)
+
+    def checkpoint(self, transcript: Transcript) -> None:
+        """Commit a flagged session so far; returns once the database has it."""
+        self.save(transcript)
+
+    def save(self, t: Transcript) -> None:
+        """Insert or replace one session, in one transaction."""
+        row = _session_row(t, self.clock())
+        data = {
+            "session_id": t.session_id,
+            "steps": codec.pack_steps(t.steps),
+            "readouts": codec.pack_readouts(t.steps),
+            "detections": codec.pack_detections(t.detections, t.evaluations),
+        }
+        flag_rows = [
+            {
+                "session_id": t.session_id,
+                "rule": f.rule,
+                "category": f.category,
+                "severity": f.severity,
+                "actions": list(f.actions),
+                "token_index": f.index,
+                "reason": f.reason,
+            }
+            for f in t.flags
+        ]
+        with self.engine.begin() as conn:
+            for table in (flags, session_data, sessions):
+                conn.execute(sa.delete(table).where(table.c.session_id == t.session_id))
+            conn.execute(sa.insert(sessions), [row])
+            conn.execute(sa.insert(session_data), [data])
+            if flag_rows:
+                conn.execute(sa.insert(flags), flag_rows)
+
+    def delete(self, session_id: str) -> bool:
+        with self.engine.begin() as conn:
+            for table in (flags, session_data):
+                conn.execute(sa.delete(table).where(table.c.session_id == session_id))
+            return bool(conn.execute(sa.delete(sessions).where(sessions.c.session_id == session_id)).rowcount)
+
+    # -- reading --------------------------------------------------------------------------------
+
+    def ping(self) -> None:
+        """Raise StoreError unless the database answers."""
+        try:
+            with self.engine.connect() as conn:
+                conn.execute(sa.select(sa.func.count()).select_from(sessions).where(sa.false()))
+        except sa.exc.SQLAlchemyError as exc:
+            raise StoreError(f"transcript store at {_redacted(self.url)} does not answer: {exc}") from exc
+
+    def count(self, query: SessionQuery = SessionQuery()) -> int:
+        stmt = sa.select(sa.func.count()).select_from(sessions).where(*_where(query))
+        with self.engine.connect() as conn:
+            return int(conn.execute(stmt).scalar_one())
+
+    def sessions(self, query: SessionQuery = SessionQuery()) -> list[SessionSummary]:
+        """Summaries of matching sessions, newest first, with their flags."""
+        columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
+        stmt = sa.select(*columns).where(*_where(query)).order_by(sessions.c.started_at.desc(), sessions.c.session_id)
+        stmt = stmt.offset(query.offset).limit(query.limit) if query.limit is not None else stmt.offset(query.offset)
+        with self.engine.connect() as conn:
+            rows = conn.execute(stmt).mappings().all()
+            by_session = _flags_of(conn, [r["session_id"] for r in rows if r["flagged"]])
+        return [SessionSummary(**dict(r), flags=by_session.get(r["session_id"], ())) for r in rows]
+
+    def get(self, session_id: str) -> Transcript | None:
+        """The whole stored transcript, or None."""
+        with self.engine.connect() as conn:
+            row = conn.execute(sa.select(sessions).where(sessions.c.session_id == session_id)).mappings().first()
+            if row is None:
+                return None
+            data = conn.execute(sa.select(session_data).where(session_data.c.session_id == session_id)).mappings().one()
+            found = _flags_of(conn, [session_id]).get(session_id, ())
+        return _transcript(row, data, found)
+
+    def transcripts(self, query: SessionQuery = SessionQuery(limit=None), batch: int = 200) -> Iterator[Transcript]:
+        """Whole transcripts of matching sessions, newest first, read in batches."""
+        offset = query.offset
+        while True:
+            limit = batch if query.limit is None else min(batch, query.limit - (offset - query.offset))
+            if limit <= 0:
+                return
+            page = self.sessions(SessionQuery(**{**query.__dict__, "offset": offset, "limit": limit}))
+            for summary in page:
+                t = self.get(summary.session_id)
+                if t is not None:
+                    yield t
+            if len(page) < limit:
+                return
+            offset += len(page)
+
+    def detection_columns(
+        self, query: SessionQuery = SessionQuery(limit=None)
+    ) -> Iterator[tuple[SessionSummary, codec.DetectionColumns]]:
+        """Each matching session's summary and packed detections (no tokens, no readouts)."""
+        columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
+        stmt = (
+            sa.select(*columns, session_data.c.detections)
+            .join(session_data, session_data.c.session_id == sessions.c.session_id)
+            .where(*_where(query))
+            .order_by(sessions.c.started_at.desc(), sessions.c.session_id)
+            .offset(query.offset)
+        )
+        if query.limit is not None:
+            stmt = stmt.limit(query.limit)
+        with self.engine.connect() as conn:
+            all_flags = _flags_of(conn, None)
+            for row in conn.execute(stmt.execution_options(yield_per=500)).mappings():
+                values = dict(row)
+                blob = values.pop("detections")
+                summary = SessionSummary(**values, flags=all_flags.get(values["session_id"], ()))
+                yield summary, codec.unpack_detections(blob)
+
+
+def _create_engine(url: str) -> Engine:
+    if url.startswith("sqlite"):
+        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+
+        @sa.event.listens_for(engine, "connect")
+        def _pragmas(dbapi_connection: Any, _record: Any) -> None:
+            cursor = dbapi_connection.cursor()
+            cursor.execute("PRAGMA journal_mode=WAL")  # readers never block the writer
+            cursor.execute("PRAGMA synchronous=FULL")  # a committed flag survives power loss, not just a crash
+            cursor.execute("PRAGMA foreign_keys=ON")
+            cursor.close()
+
+        return engine
+    return sa.create_engine(url, pool_pre_ping=True)
+
+
+def migrate(engine: Engine) -> None:
+    """Bring the database to the newest schema (Alembic `upgrade head`)."""
+    from alembic import command
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    with engine.begin() as conn:
+        config.attributes["connection"] = conn
+        command.upgrade(config, "head")
+
+
+def _redacted(url: str) -> str:
+    return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
+
+
+def _where(q: SessionQuery) -> list[Any]:
+    where: list[Any] = []
+    if q.flagged is not None:
+        where.append(sessions.c.flagged.is_(q.flagged))
+    if q.outcome is not None:
+        where.append(sessions.c.outcome == q.outcome)
+    if q.severity is not None:
+        where.append(sessions.c.severity.in_(SEVERITIES[SEVERITIES.index(q.severity) :]))
+    if q.since is not None:
+        where.append(sessions.c.started_at >= q.since)
+    if q.until is not None:
+        where.append(sessions.c.started_at < q.until)
+    if q.category is not None or q.rule is not None:
+        match = sa.select(flags.c.session_id)
+        if q.category is not None:
+            match = match.where(flags.c.category == q.category)
+        if q.rule is not None:
+            match = match.where(flags.c.rule == q.rule)
+        where.append(sessions.c.session_id.in_(match))
+    return where
+
+
+def _flags_of(conn: Connection, session_ids: list[str] | None) -> dict[str, tuple[Flag, ...]]:
+    """Flags per session, in firing order (all sessions when `session_ids` is None)."""
+    if session_ids is not None and not session_ids:
+        return {}
+    stmt = sa.select(flags).order_by(flags.c.session_id, flags.c.id)
+    if session_ids is not None:
+        stmt = stmt.where(flags.c.session_id.in_(session_ids))
+    out: dict[str, list[Flag]] = {}
+    for r in conn.execute(stmt).mappings():
+        flag = Flag(r["rule"], r["category"], r["severity"], tuple(r["actions"]), r["token_index"], r["reason"])
+        out.setdefault(r["session_id"], []).append(flag)
+    return {k: tuple(v) for k, v in out.items()}
+
+
+def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
+    from dataclasses import asdict
+
+    reasoning = t.reasoning
+    best: dict[str, float] = {}
+    for det in t.detections:
+        best[det.detector] = max(det.score, best.get(det.detector, 0.0))
+    return {
+        "session_id": t.session_id,
+        "started_at": t.started_at,
+        "ended_at": t.ended_at,
+        "stored_at": stored_at,
+        "outcome": t.outcome,
+        "mode": t.mode,
+        "model_id": t.model.model_id,
+        "model_revision": t.model.revision,
+        "model": asdict(t.model),
+        "flagged": t.flagged,
+        "severity": highest_severity(t.flags),
+        "n_tokens": len(t.steps),
+        "n_reasoning": sum(1 for s in t.steps if s.channel == "reasoning"),
+        "preview": (reasoning or t.answer)[:PREVIEW_CHARS],
+        "error": t.error,
+        "policy_name": str(t.policy.get("name", "")),
+        "max_scores": best,
+        "messages": [m.to_dict() for m in t.messages],
+        "request": dict(t.request),
+        "policy": dict(t.policy),
+        "detector_specs": [s.to_dict() for s in t.detector_specs],
+        "thresholds": dict(t.thresholds),
+    }
+
+
+def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
+    from monitor.types import ChatMessage, DetectorSpec, ModelInfo
+
+    columns = codec.unpack_detections(data["detections"])
+    return Transcript(
+        session_id=row["session_id"],
+        model=ModelInfo(**row["model"]),
+        messages=tuple(ChatMessage(m["role"], m["content"]) for m in row["messages"]),
+        steps=codec.unpack_steps(row["session_id"], data["steps"], data["readouts"]),
+        detections=columns.detections(),
+        flags=found,
+        outcome=row["outcome"],
+        detector_specs=tuple(DetectorSpec.from_dict(s) for s in row["detector_specs"]),
+        policy=row["policy"],
+        started_at=row["started_at"],
+        ended_at=row["ended_at"],
+        error=row["error"],
+        mode=row["mode"],
+        request=row["request"],
+        thresholds=row["thresholds"],
+        evaluations=tuple((int(a), int(b)) for a, b in columns.evaluations.tolist()),
+    )
+
+
+__all__ = ["RETENTIONS", "Retention", "SessionQuery", "SessionSummary", "StoreError", "TranscriptStore", "metadata", "parse_time"]
