@@ -131,26 +131,31 @@ class Pipeline:
         """A session that scores `assistant_text` as if the model had written it."""
         session_id = session_id or uuid.uuid4().hex
         source = self.engine.teacher_force(messages, assistant_text, session_id)
-        return Session(self, session_id, tuple(messages), source, mode="teacher_force")
+        # The whole text is kept: a halt cuts the steps short, and a replay forces the same text again.
+        return Session(self, session_id, tuple(messages), source, mode="teacher_force", request={"completion": assistant_text})
 
     def replay(
         self,
         messages: Sequence[ChatMessage],
-        token_ids: Sequence[int],
+        tokens: Sequence[int] | str,
         *,
-        stepwise: bool,
+        stepwise: bool = False,
         session_id: str = "",
         policy: Policy | None = None,
         record: bool = True,
     ) -> Session:
-        """A session that teacher-forces stored tokens (`stepwise`: as they were generated).
+        """A session that teacher-forces a stored session again: its token ids (`stepwise`: one at
+        a time, as they were generated) or the text a watch-mode session was given.
 
         `policy` replaces the pipeline's for this session (validated against its detectors);
         `record=False` keeps the session out of the sinks and the process's metrics, so replaying
         in a serving process raises no alerts.
         """
         session_id = session_id or uuid.uuid4().hex
-        source = self.engine.force_tokens(messages, token_ids, session_id, stepwise=stepwise)
+        if isinstance(tokens, str):
+            source = self.engine.teacher_force(messages, tokens, session_id)
+        else:
+            source = self.engine.force_tokens(messages, tokens, session_id, stepwise=stepwise)
         if policy is not None and policy.rules:
             policy = parse_policy(policy.to_dict(), policy.source, self.thresholds)
         return Session(self, session_id, tuple(messages), source, mode="replay", policy=policy, record=record)

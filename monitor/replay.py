@@ -69,7 +69,8 @@ class ReplayResult:
     old_flags: tuple[Flag, ...]
     new_flags: tuple[Flag, ...]
     tokens_equal: bool | None = None
-    """Full replays: the replay produced the stored token ids (and channels)."""
+    """Full replays: the replay produced the stored token ids and channels (over the stored length,
+    or up to where the replay halted)."""
     readouts_max_diff: float | None = None
     """Full replays: largest difference between a stored and a replayed readout (0.0 = identical)."""
     detections_equal: bool | None = None
@@ -129,24 +130,31 @@ def replay_pipeline(
 
 
 async def replay_full(pipeline: Pipeline, stored: Transcript, *, policy: Policy | None = None) -> ReplayResult:
-    """Teacher-force the stored tokens through `pipeline` (its policy, or `policy`); nothing is recorded."""
+    """Teacher-force the stored session through `pipeline` (its policy, or `policy`); nothing is recorded.
+
+    A generated session's token ids are forced one at a time with a KV cache, as they were
+    generated; a watch-mode session's whole submitted text in one forward, as it was scored (so a
+    policy that does not halt where the stored one did reads on past the old halt).
+    """
+    text = stored.request.get("completion") if stored.mode == "teacher_force" else None
     session = pipeline.replay(
         stored.messages,
-        [s.token_id for s in stored.steps],
+        text if isinstance(text, str) else [s.token_id for s in stored.steps],
         stepwise=stored.mode == "generate",
         session_id=stored.session_id,
         policy=policy,
         record=False,
     )
     new = await session.run()
+    common = min(len(new.steps), len(stored.steps))  # a replay may halt sooner, or read past a stored halt
     return ReplayResult(
         stored.session_id,
         "full",
         stored.flags,
         new.flags,
-        tokens_equal=_tokens(new) == _tokens(stored)[: len(new.steps)] and (len(new.steps) == len(stored.steps) or new.halted),
+        tokens_equal=_tokens(new)[:common] == _tokens(stored)[:common] and (common == len(stored.steps) or new.halted),
         readouts_max_diff=_readouts_diff(stored, new),
-        detections_equal=_scores(new.detections) == _scores(stored.detections[: len(new.detections)]),
+        detections_equal=_scores(new.detections, common) == _scores(stored.detections, common),
         replayed=new,
     )
 
@@ -261,8 +269,9 @@ def _tokens(t: Transcript) -> list[tuple[int, str]]:
     return [(s.token_id, s.channel) for s in t.steps]
 
 
-def _scores(detections: Iterable[Any]) -> list[tuple[str, str, float, int, int]]:
-    return [(d.detector, d.category, d.score, d.start, d.end) for d in detections]
+def _scores(detections: Iterable[Any], before: int) -> list[tuple[str, str, float, int, int]]:
+    """Detections of the tokens before `before`, as comparable tuples."""
+    return [(d.detector, d.category, d.score, d.start, d.end) for d in detections if d.start < before]
 
 
 def _readouts_diff(old: Transcript, new: Transcript) -> float | None:

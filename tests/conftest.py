@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import socket
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
@@ -24,6 +28,26 @@ from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
 ProbeFactory = Callable[..., Path]
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
+    """Poll `base_url`/readyz until the server process answers 200 (it must stay alive meanwhile)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if httpx.get(base_url + "/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
+        time.sleep(0.1)
 
 
 @pytest.fixture

@@ -60,6 +60,7 @@ def transcript_to_dict(t: Transcript) -> dict[str, Any]:
         "messages": [m.to_dict() for m in t.messages],
         "steps": [
             {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)}
+            | ({"final": True} if s.final else {})
             for s in t.steps
         ],
         "detections": [detection_to_dict(d) for d in t.detections],
@@ -130,11 +131,9 @@ def transcript_from_dict(data: Any, where: str = "transcript") -> Transcript:
                 s.get("text", str),
                 channel,
                 {k: float(v) for k, v in readouts.items()},
-                False,
+                s.get("final", bool, False),
             )
         )
-    if steps:
-        steps[-1] = dataclasses.replace(steps[-1], final=True)
     detections = [
         Detection(
             d.get("detector", str),
@@ -246,6 +245,7 @@ def pack_steps(steps: Sequence[TraceStep]) -> bytes:
             "token_id": np.fromiter((s.token_id for s in steps), np.int64, len(steps)),
             "channel": np.fromiter((CHANNELS.index(s.channel) for s in steps), np.uint8, len(steps)),
             "index": np.fromiter((s.index for s in steps), np.int64, len(steps)),
+            "final": np.fromiter((s.final for s in steps), np.bool_, len(steps)),
         },
         {"text": [s.text for s in steps]},
     )
@@ -270,8 +270,9 @@ def unpack_steps(session_id: str, steps_blob: bytes, readouts_blob: bytes) -> tu
         names, matrix = rmeta["names"], values["values"].astype(np.float64).tolist()
         readouts = [dict(zip(names, row, strict=True)) for row in matrix]
     ids, channels, index = arrays["token_id"].tolist(), arrays["channel"].tolist(), arrays["index"].tolist()
+    final = arrays["final"].tolist()
     return tuple(
-        TraceStep(session_id, index[i], ids[i], meta["text"][i], cast(Any, CHANNELS[channels[i]]), readouts[i], i == n - 1)
+        TraceStep(session_id, index[i], ids[i], meta["text"][i], cast(Any, CHANNELS[channels[i]]), readouts[i], final[i])
         for i in range(n)
     )
 

@@ -5,37 +5,23 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+from conftest import free_port, wait_ready
 
 
 def test_sigterm_lets_an_in_flight_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
-    port = _free_port()
+    port = free_port()
     cotmon = shutil.which("cotmon", path=str(Path(sys.executable).parent)) or "cotmon"
     env = {**os.environ, "COTMON_DATA_DIR": str(tmp_path), "COTMON_DRAIN_SECONDS": "20"}
     proc = subprocess.Popen([cotmon, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(base + "/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline and proc.poll() is None, "server did not come up"
-            time.sleep(0.1)
+        wait_ready(base, proc)
         payload = {
             "model": "tiny",
             "messages": [{"role": "user", "content": "hi"}],

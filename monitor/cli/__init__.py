@@ -52,6 +52,14 @@ def main() -> None:
     """
 
 
+def _add_store_commands() -> None:
+    from monitor.cli.replay import replay
+    from monitor.cli.transcripts import transcripts
+
+    main.add_command(transcripts)
+    main.add_command(replay)
+
+
 @main.group()
 def policy() -> None:
     """Check policy files."""
@@ -147,3 +155,6 @@ def serve(**options: Any) -> None:
         run_server(settings, bundled_policy("default"))
     except (SettingsError, EngineError, PolicyError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
+
+
+_add_store_commands()

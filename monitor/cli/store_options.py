@@ -1,0 +1,84 @@
+"""Options shared by the commands that read the transcript store: where it is, and which sessions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import click
+
+from monitor.types import SEVERITIES
+
+F = Callable[..., Any]
+
+
+def store_option(f: F) -> F:
+    return click.option(
+        "--store",
+        "store_url",
+        default=None,
+        metavar="URL",
+        help="Transcript store URL [COTMON_STORE_URL, else SQLite at <COTMON_DATA_DIR or .cotmon>/transcripts.db].",
+    )(f)
+
+
+def filter_options(f: F) -> F:
+    """--flagged/--unflagged, --category, --rule, --severity, --outcome, --since, --until."""
+    options = [
+        click.option("--flagged/--unflagged", default=None, help="Only sessions where a rule fired (or none did)."),
+        click.option("--category", default=None, help="Only sessions with a flag of this category."),
+        click.option("--rule", default=None, help="Only sessions with a flag from this rule."),
+        click.option(
+            "--severity", type=click.Choice(SEVERITIES), default=None, help="Only sessions flagged at least this severe."
+        ),
+        click.option(
+            "--outcome",
+            type=click.Choice(["completed", "halted", "aborted", "error", "running"]),
+            default=None,
+            help="Only this outcome.",
+        ),
+        click.option(
+            "--since", default=None, metavar="TIME", help="Started at or after: unix seconds, ISO 8601, or an age (30m, 12h, 7d)."
+        ),
+        click.option("--until", default=None, metavar="TIME", help="Started before TIME."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def session_query(options: dict[str, Any], limit: int | None, offset: int = 0) -> Any:
+    """The SessionQuery the filter options describe; a bad time is a usage error naming the option."""
+    from monitor.store import SessionQuery, parse_time
+
+    times = {}
+    for name in ("since", "until"):
+        try:
+            times[name] = parse_time(options[name]) if options.get(name) else None
+        except ValueError as exc:
+            raise click.BadParameter(str(exc), param_hint=f"--{name}") from None
+    return SessionQuery(
+        flagged=options.get("flagged"),
+        category=options.get("category"),
+        rule=options.get("rule"),
+        severity=options.get("severity"),
+        outcome=options.get("outcome"),
+        since=times["since"],
+        until=times["until"],
+        limit=limit,
+        offset=offset,
+    )
+
+
+def open_store(store_url: str | None) -> Any:
+    """The transcript store the options and settings name; ClickException when it cannot be opened."""
+    from monitor.settings import Settings, SettingsError
+    from monitor.store import StoreError, TranscriptStore
+
+    try:
+        settings = Settings.load(store_url=store_url)
+        if settings.store_url is None:
+            settings.data_dir.mkdir(parents=True, exist_ok=True)
+        return TranscriptStore(settings.store_location)
+    except (SettingsError, StoreError) as exc:
+        raise click.ClickException(str(exc)) from None
