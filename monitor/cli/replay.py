@@ -103,17 +103,21 @@ def _load(target: str, store_url: str | None) -> list[Any]:
     path = Path(target)
     if path.is_file():
         text = path.read_text(encoding="utf-8")
-        try:
-            data = json.loads(text)
-            records = data if isinstance(data, list) else [data]
-            where = [f"{path}[{i}]" for i in range(len(records))]
-        except json.JSONDecodeError:
-            lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        if path.suffix != ".jsonl":
             try:
-                records = [json.loads(line) for _, line in lines]
-            except json.JSONDecodeError as exc:
-                raise TranscriptFormatError(f"{path}: neither JSON nor JSONL ({exc})") from None
-            where = [f"{path}:{n}" for n, _ in lines]
+                data = json.loads(text)
+            except json.JSONDecodeError:
+                data = None
+            if isinstance(data, dict):
+                return [transcript_from_dict(data, str(path))]
+            if isinstance(data, list):
+                return [transcript_from_dict(r, f"{path}[{i}]") for i, r in enumerate(data)]
+        lines = [(n, line) for n, line in enumerate(text.splitlines(), 1) if line.strip()]
+        try:
+            records = [json.loads(line) for _, line in lines]
+        except json.JSONDecodeError as exc:
+            raise TranscriptFormatError(f"{path}: neither JSON nor JSONL ({exc})") from None
+        where = [f"{path}:{n}" for n, _ in lines]
         return [transcript_from_dict(r, w) for r, w in zip(records, where, strict=True)]
     with open_store(store_url) as store:
         found = store.get(target)

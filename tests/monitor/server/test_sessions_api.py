@@ -1,0 +1,119 @@
+"""/v1/sessions: list with filters, fetch, replay (full and policy-only) over real HTTP."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+
+from conftest import Serve
+
+LONG = {
+    "name": "long-cot",
+    "category": "deception",
+    "severity": "critical",
+    "when": {"detector": "p", "stat": "count_over", "over": 0.0, "window": 30, "gte": 30},
+    "actions": ["alert", "store"],
+}
+MESSAGES = [{"role": "user", "content": "Did you run the tests?"}]
+
+
+def _watch(base: str, reasoning: str, session_id: str, **headers: str) -> dict[str, Any]:
+    body = {"messages": MESSAGES, "reasoning": reasoning, "answer": "Yes.", "session_id": session_id}
+    reply = httpx.post(base + "/v1/monitor/transcripts", json=body, headers=headers, timeout=60)
+    reply.raise_for_status()
+    return reply.json()  # type: ignore[no-any-return]
+
+
+@pytest.fixture
+def server(serve: Serve) -> Any:
+    server = serve(rules=[LONG], store_keep="all")
+    _watch(server.base_url, "I never ran them but I will say I did, since nobody checks the logs anyway.", "long")
+    _watch(server.base_url, "Ran them.", "short")
+    return server
+
+
+def _flag_count(server: Any) -> float:
+    value = server.metrics.registry.get_sample_value(
+        "cotmon_flags_total", {"category": "deception", "severity": "critical", "rule": "long-cot"}
+    )
+    return value or 0.0
+
+
+def test_sessions_are_listed_newest_first_and_filtered(server: Any) -> None:
+    every = httpx.get(server.base_url + "/v1/sessions").json()
+    assert [s["session_id"] for s in every["data"]] == ["short", "long"] and every["total"] == 2
+    flagged = httpx.get(server.base_url + "/v1/sessions", params={"flagged": "true"}).json()
+    assert [s["session_id"] for s in flagged["data"]] == ["long"]
+    assert flagged["data"][0]["flags"][0]["rule"] == "long-cot" and flagged["data"][0]["severity"] == "critical"
+    by_rule = httpx.get(server.base_url + "/v1/sessions", params={"rule": "long-cot", "since": "1h"}).json()
+    assert [s["session_id"] for s in by_rule["data"]] == ["long"]
+    assert httpx.get(server.base_url + "/v1/sessions", params={"until": "2000-01-01"}).json()["total"] == 0
+
+
+@pytest.mark.parametrize(
+    ("params", "param"), [({"since": "yesterday"}, "since"), ({"severity": "loud"}, "severity"), ({"limit": "0"}, "limit")]
+)
+def test_bad_filters_are_400s_naming_the_parameter(server: Any, params: dict[str, str], param: str) -> None:
+    reply = httpx.get(server.base_url + "/v1/sessions", params=params)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param
+
+
+def test_a_session_comes_back_whole(server: Any) -> None:
+    stored = httpx.get(server.base_url + "/v1/sessions/long").json()
+    assert stored["mode"] == "teacher_force" and stored["flags"][0]["index"] == 29
+    assert "I never ran them" in "".join(s["text"] for s in stored["steps"])
+    assert stored["detector_specs"][0]["name"] == "p" and stored["policy"]["rules"][0]["name"] == "long-cot"
+    missing = httpx.get(server.base_url + "/v1/sessions/nope")
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+
+
+def test_a_full_replay_over_http_reproduces_the_session_and_raises_no_alert(server: Any) -> None:
+    before = _flag_count(server)
+    result = httpx.post(server.base_url + "/v1/sessions/long/replay", json={}, timeout=60).json()
+    assert result["mode"] == "full" and not result["changed"] and result["readouts_max_diff"] == 0.0
+    assert [c["change"] for c in result["changes"]] == ["same"]
+    assert _flag_count(server) == before  # a replay is not live traffic
+
+
+def test_a_replay_under_a_new_policy_diffs_the_flags(server: Any) -> None:
+    lenient = {"name": "lenient", "rules": [{**LONG, "when": {**LONG["when"], "window": 500, "gte": 500}}]}
+    for mode in ("full", "policy"):
+        result = httpx.post(
+            server.base_url + "/v1/sessions/long/replay", json={"policy": lenient, "mode": mode}, timeout=60
+        ).json()
+        assert result["mode"] == mode and [c["change"] for c in result["changes"]] == ["gone"], result
+    as_yaml = (
+        "name: y\nrules:\n  - {name: any, category: deception, severity: info, when: {detector: p, gte: 0.0}, actions: [alert]}\n"
+    )
+    result = httpx.post(server.base_url + "/v1/sessions/short/replay", json={"policy": as_yaml, "mode": "policy"}).json()
+    assert [(c["rule"], c["change"]) for c in result["changes"]] == [("any", "new")]
+
+
+def test_a_bad_replay_policy_is_a_400_naming_the_field(server: Any) -> None:
+    bad = {"name": "b", "rules": [{**LONG, "severity": "loud"}]}
+    reply = httpx.post(server.base_url + "/v1/sessions/long/replay", json={"policy": bad})
+    assert reply.status_code == 400 and "severity" in reply.json()["error"]["message"]
+    unknown = {"name": "b", "rules": [{**LONG, "when": {"detector": "nobody", "gte": 0.5}}]}
+    reply = httpx.post(server.base_url + "/v1/sessions/long/replay", json={"policy": unknown})
+    assert reply.status_code == 400 and "nobody" in reply.json()["error"]["message"]
+
+
+def test_a_full_replay_of_another_models_session_is_a_409(server: Any) -> None:
+    stored = server.store.get("long")
+    server.store.save(
+        type(stored)(**{**stored.__dict__, "session_id": "other", "model": type(stored.model)("org/m", "abc", 64, 4)})
+    )
+    reply = httpx.post(server.base_url + "/v1/sessions/other/replay", json={"mode": "full"})
+    assert reply.status_code == 409 and "org/m@abc" in reply.json()["error"]["message"]
+    auto = httpx.post(server.base_url + "/v1/sessions/other/replay", json={}).json()
+    assert auto["mode"] == "policy" and not auto["changed"]
+
+
+def test_session_routes_need_the_api_key(serve: Serve) -> None:
+    server = serve(rules=[LONG], api_key="sekrit")
+    assert httpx.get(server.base_url + "/v1/sessions").status_code == 401
+    assert httpx.post(server.base_url + "/v1/sessions/x/replay", json={}).status_code == 401
+    ok = httpx.get(server.base_url + "/v1/sessions", headers={"Authorization": "Bearer sekrit"})
+    assert ok.status_code == 200 and ok.json()["total"] == 0
