@@ -66,8 +66,10 @@ def demo(
         console.print(
             "\nNext:\n"
             f"  - serve with these probes:     cotmon serve --probes {out / 'probes'}   (then point an OpenAI client at /v1)\n"
-            f"  - read a flagged transcript:   head -c 2000 {out / 'transcripts.jsonl'}\n"
-            f"  - try the stricter policy:     cotmon policy check policies/strict.yaml\n"
+            "  - browse the transcripts:      the same server's /ui/ (flagged sessions, shaded tokens, replay)\n"
+            "  - list the flagged ones:       cotmon transcripts list --flagged\n"
+            "  - replay one, exactly:         cotmon replay deceptive-09   (or: --policy policies/strict.yaml)\n"
+            "  - backtest a policy:           cotmon replay --all --policy policies/strict.yaml\n"
             "  - a real model (needs the hub): cotmon demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n"
             "  - run the tests:                make test"
         )

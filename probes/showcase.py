@@ -66,7 +66,7 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
         _, stem = await asyncio.to_thread(
             train_bundled, console, engine, kind, out / "probes", layers=layers, seed=settings.seed, limit=contrast_limit
         )
-        specs.append(DetectorSpec("linear_probe", stem.name, {"artifact": str(stem)}))
+        specs.append(DetectorSpec("linear_probe", stem.name, {"artifact": str(stem.resolve())}))
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
