@@ -398,6 +398,7 @@ def session_summary(t: Transcript) -> dict[str, Any]:
         "session_id": t.session_id,
         "model": t.model.model_id,
         "outcome": t.outcome,
+        "mode": t.mode,
         "tokens": len(t.steps),
         "reasoning_tokens": sum(1 for s in t.steps if s.channel == "reasoning"),
         "flags": [f.rule for f in t.flags],

@@ -133,6 +133,18 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     "(key in COTMON_JUDGE_API_KEY), or `triage` for the text classifier alone.",
 )
 @click.option("--judge-model", default=None, help="Model the judge asks at --judge-url.")
+@click.option(
+    "--store-url",
+    default=None,
+    metavar="URL",
+    help="Transcript store: SQLAlchemy URL, e.g. postgresql://user@host/db [SQLite at <data dir>/transcripts.db].",
+)
+@click.option(
+    "--store-keep",
+    type=click.Choice(["flagged", "all", "sample"]),
+    default=None,
+    help="Which sessions to store besides flagged ones (always stored) [flagged: none].",
+)
 @click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
 @click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
 def serve(**options: Any) -> None:
@@ -140,20 +152,22 @@ def serve(**options: Any) -> None:
 
     POST /v1/chat/completions (streaming or not; reasoning in delta.reasoning and
     delta.reasoning_content), POST /v1/monitor/transcripts (watch mode), GET /v1/models,
-    /healthz, /readyz, /metrics. COTMON_API_KEY, when set, protects every route but the last three.
+    /v1/sessions (stored transcripts, replay), /ui/ (the transcript viewer), /healthz, /readyz,
+    /metrics. COTMON_API_KEY, when set, protects every route but the last three.
     """
     from monitor.engine.base import EngineError
     from monitor.observability import configure_logging
     from monitor.policy import PolicyError
     from monitor.server.serve import serve as run_server
     from monitor.settings import Settings, SettingsError
+    from monitor.store import StoreError
     from policies import bundled_policy
 
     try:
         settings = Settings.load(**options)
         configure_logging(json=settings.log_format == "json", level=settings.log_level)
         run_server(settings, bundled_policy("default"))
-    except (SettingsError, EngineError, PolicyError, FileNotFoundError, ValueError) as exc:
+    except (SettingsError, EngineError, PolicyError, StoreError, FileNotFoundError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
 
 
