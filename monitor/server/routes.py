@@ -18,7 +18,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
 from monitor.pipeline import Session, max_scores, mean_scores
-from monitor.server import sessions
+from monitor.server import sessions, ui
 from monitor.server.app import ServerState
 from monitor.server.protocol import (
     APIError,
@@ -224,3 +224,4 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
 
 protected.include_router(sessions.router)
 router.include_router(protected)
+router.include_router(ui.router)  # the viewer: its own login (cookie or bearer key) and HTML errors
