@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +38,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def spawn_serve(port: int, *args: str, env: dict[str, str], output: int | None = subprocess.DEVNULL) -> subprocess.Popen[bytes]:
+    """`cotmon serve --port PORT ARGS...` as a process (of this venv), with `env` added to the environment."""
+    cotmon = shutil.which("cotmon", path=str(Path(sys.executable).parent)) or "cotmon"
+    stderr = subprocess.STDOUT if output == subprocess.PIPE else output
+    return subprocess.Popen(
+        [cotmon, "serve", "--port", str(port), *args], env={**os.environ, **env}, stdout=output, stderr=stderr
+    )
 
 
 def wait_ready(base_url: str, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:

@@ -124,7 +124,8 @@ class PolicyEvaluator:
         if cond.stat == "max":
             return max(scores)
         if cond.stat == "count_over":
-            return float(sum(1 for score in scores if score >= self._bounds[cond][1]))
+            over = self._bounds[cond][1]  # once, not per score: a Condition hashes all its fields
+            return float(sum(1 for score in scores if score >= over))
         if cond.stat == "mean":
             window = list(scores)
             return sum(window) / len(window)

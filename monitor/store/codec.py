@@ -48,7 +48,7 @@ def detection_to_dict(d: Detection) -> dict[str, Any]:
     """Plain data for a detection; `evidence` only when it has some."""
     out: dict[str, Any] = {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
     if d.evidence:
-        out["evidence"] = [dataclasses.asdict(e) for e in d.evidence]
+        out["evidence"] = [_evidence_dict(e) for e in d.evidence]
     return out
 
 
@@ -277,12 +277,20 @@ def unpack_steps(session_id: str, steps_blob: bytes, readouts_blob: bytes) -> tu
     )
 
 
+def _evidence_dict(e: Evidence) -> dict[str, Any]:
+    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
+
+
 def pack_detections(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> bytes:
-    """Detections as columns (names and categories as small integer codes) plus the evaluation steps."""
+    """Detections as columns (names, categories and evidence as small integer codes) plus the
+    evaluation steps. Each distinct evidence tuple is stored once (a probe attaches the same one
+    to every token), as JSON bytes that only `DetectionColumns.detections()` parses."""
     names: dict[str, int] = {}
     categories: dict[str, int] = {}
+    evidence: dict[tuple[Evidence, ...], int] = {}
     n = len(detections)
-    evidence = [[i, [dataclasses.asdict(e) for e in d.evidence]] for i, d in enumerate(detections) if d.evidence]
+    codes = np.fromiter((evidence.setdefault(d.evidence, len(evidence)) if d.evidence else -1 for d in detections), np.int32, n)
+    distinct = json.dumps([[_evidence_dict(e) for e in group] for group in evidence], separators=(",", ":")).encode()
     return pack(
         {
             "detector": np.fromiter((names.setdefault(d.detector, len(names)) for d in detections), np.int32, n),
@@ -290,9 +298,11 @@ def pack_detections(detections: Sequence[Detection], evaluations: Sequence[tuple
             "score": np.fromiter((d.score for d in detections), np.float64, n),
             "start": np.fromiter((d.start for d in detections), np.int64, n),
             "end": np.fromiter((d.end for d in detections), np.int64, n),
+            "evidence": codes,
+            "evidence_json": np.frombuffer(distinct, dtype=np.uint8),
             "evaluations": np.array(list(evaluations), dtype=np.int64).reshape(len(evaluations), 2),
         },
-        {"detectors": list(names), "categories": list(categories), "evidence": evidence},
+        {"detectors": list(names), "categories": list(categories)},
     )
 
 
@@ -309,14 +319,22 @@ class DetectionColumns:
     end: npt.NDArray[np.int64]
     evaluations: npt.NDArray[np.int64]
     """[calls, 2]: token index, detections seen after the call."""
-    evidence: list[Any]
+    evidence: npt.NDArray[np.int32]
+    """Per detection: index into the distinct evidence tuples, -1 for none."""
+    evidence_json: bytes
+    """The distinct evidence tuples, as JSON (parsed only by `detections()`)."""
 
     def detections(self) -> tuple[Detection, ...]:
-        by_index = {i: tuple(Evidence(e["label"], e["detail"], tuple(e["quotes"])) for e in ev) for i, ev in self.evidence}
-        det, cat = self.detector.tolist(), self.category.tolist()
+        groups = [
+            tuple(Evidence(e["label"], e["detail"], tuple(e["quotes"])) for e in group)
+            for group in json.loads(self.evidence_json)
+        ]
+        det, cat, ev = self.detector.tolist(), self.category.tolist(), self.evidence.tolist()
         score, start, end = self.score.tolist(), self.start.tolist(), self.end.tolist()
         return tuple(
-            Detection(self.detectors[det[i]], self.categories[cat[i]], score[i], start[i], end[i], by_index.get(i, ()))
+            Detection(
+                self.detectors[det[i]], self.categories[cat[i]], score[i], start[i], end[i], groups[ev[i]] if ev[i] >= 0 else ()
+            )
             for i in range(len(det))
         )
 
@@ -332,5 +350,6 @@ def unpack_detections(blob: bytes) -> DetectionColumns:
         arrays["start"],
         arrays["end"],
         arrays["evaluations"],
-        meta["evidence"],
+        arrays["evidence"],
+        arrays["evidence_json"].tobytes(),
     )

@@ -2,23 +2,19 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import httpx
 
-from conftest import free_port, wait_ready
+from conftest import free_port, spawn_serve, wait_ready
 
 
 def test_sigterm_lets_an_in_flight_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
     port = free_port()
-    cotmon = shutil.which("cotmon", path=str(Path(sys.executable).parent)) or "cotmon"
-    env = {**os.environ, "COTMON_DATA_DIR": str(tmp_path), "COTMON_DRAIN_SECONDS": "20"}
-    proc = subprocess.Popen([cotmon, "serve", "--port", str(port)], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    env = {"COTMON_DATA_DIR": str(tmp_path), "COTMON_DRAIN_SECONDS": "20"}
+    proc = spawn_serve(port, env=env, output=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc)

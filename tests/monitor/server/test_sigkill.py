@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import httpx
 import yaml
 
-from conftest import ProbeFactory, free_port, wait_ready
+from conftest import ProbeFactory, free_port, spawn_serve, wait_ready
 
 RULE = {
     "name": "early",
@@ -26,10 +23,8 @@ COUNTED = 'cotmon_flags_total{category="deception",rule="early",severity="critic
 
 
 def _serve(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    cotmon = shutil.which("cotmon", path=str(Path(sys.executable).parent)) or "cotmon"
-    env = {**os.environ, "COTMON_DATA_DIR": str(tmp_path / "data")}
-    args = ["serve", "--port", str(port), "--probes", str(tmp_path / "probes"), "--policy", str(tmp_path / "policy.yaml")]
-    return subprocess.Popen([cotmon, *args], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    args = ["--probes", str(tmp_path / "probes"), "--policy", str(tmp_path / "policy.yaml")]
+    return spawn_serve(port, *args, env={"COTMON_DATA_DIR": str(tmp_path / "data")})
 
 
 def test_a_flagged_session_survives_sigkill_right_after_its_flag(tmp_path: Path, make_probe: ProbeFactory) -> None:
