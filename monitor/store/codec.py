@@ -208,7 +208,7 @@ def pack(arrays: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any] | None 
     """Arrays plus JSON metadata in one compressed blob (see `unpack`)."""
     layout, chunks, offset = [], [], 0
     for name, array in arrays.items():
-        data = np.ascontiguousarray(array)
+        data = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d arrays 0-d
         layout.append([name, data.dtype.str, list(data.shape), offset])
         chunks.append(data.tobytes())
         offset += data.nbytes
@@ -234,7 +234,8 @@ def unpack(blob: bytes) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
 
 def _exact_floats(values: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
     """float32 when that loses nothing (readouts come off the device as float32), else float64."""
-    narrow = values.astype(np.float32)
+    with np.errstate(over="ignore"):  # values beyond float32's range simply stay float64
+        narrow = values.astype(np.float32)
     return narrow if np.array_equal(narrow.astype(np.float64), values, equal_nan=True) else values
 
 

@@ -9,6 +9,8 @@ detections a policy-only replay needs.
 from __future__ import annotations
 
 import hashlib
+import math
+import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +89,8 @@ def parse_time(text: str, now: float | None = None) -> float:
     try:
         if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
             return (time.time() if now is None else now) - float(value[:-1]) * units[value[-1]]
-        return float(value)
+        if math.isfinite(seconds := float(value)):
+            return seconds
     except ValueError:
         pass
     try:
@@ -140,8 +143,12 @@ class TranscriptStore:
         self.keep, self.sample_rate, self.clock = keep, sample_rate, clock
         try:
             self.engine = _create_engine(self.url)
+        except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
+            raise StoreError(f"cannot open the transcript store at {_redacted(self.url)}: {exc}") from exc
+        try:
             migrate(self.engine)
-        except (sa.exc.SQLAlchemyError, ImportError, ValueError, OSError) as exc:
+        except (sa.exc.SQLAlchemyError, ValueError, OSError) as exc:
+            self.engine.dispose()
             raise StoreError(f"cannot open the transcript store at {_redacted(self.url)}: {exc}") from exc
 
     @classmethod
@@ -193,7 +200,7 @@ class TranscriptStore:
                 "severity": f.severity,
                 "actions": list(f.actions),
                 "token_index": f.index,
-                "reason": f.reason,
+                "reason": _text(f.reason),
             }
             for f in t.flags
         ]
@@ -301,6 +308,10 @@ def _create_engine(url: str) -> Engine:
     return sa.create_engine(url, pool_pre_ping=True)
 
 
+_MIGRATING = threading.Lock()  # Alembic's `context` is one per process: one migration at a time
+PG_MIGRATION_LOCK = 0x636F746D6F6E  # "cotmon": replicas starting together migrate one after another
+
+
 def migrate(engine: Engine) -> None:
     """Bring the database to the newest schema (Alembic `upgrade head`)."""
     from alembic import command
@@ -308,7 +319,9 @@ def migrate(engine: Engine) -> None:
 
     config = Config()
     config.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
+    with _MIGRATING, engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:key)"), {"key": PG_MIGRATION_LOCK})
         config.attributes["connection"] = conn
         command.upgrade(config, "head")
 
@@ -353,6 +366,16 @@ def _flags_of(conn: Connection, session_ids: list[str] | None) -> dict[str, tupl
     return {k: tuple(v) for k, v in out.items()}
 
 
+def _text(value: str) -> str:
+    """PostgreSQL text cannot hold NUL; the exact text stays in the blobs and JSON."""
+    return value.replace("\x00", "\ufffd")
+
+
+def _finite(values: dict[str, float | None]) -> dict[str, float | None]:
+    """JSON has no NaN or infinity (PostgreSQL's json type refuses them): those become null."""
+    return {k: v if v is None or math.isfinite(v) else None for k, v in values.items()}
+
+
 def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
     from dataclasses import asdict
 
@@ -374,15 +397,15 @@ def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
         "severity": highest_severity(t.flags),
         "n_tokens": len(t.steps),
         "n_reasoning": sum(1 for s in t.steps if s.channel == "reasoning"),
-        "preview": (reasoning or t.answer)[:PREVIEW_CHARS],
-        "error": t.error,
+        "preview": _text((reasoning or t.answer)[:PREVIEW_CHARS]),
+        "error": None if t.error is None else _text(t.error),
         "policy_name": str(t.policy.get("name", "")),
-        "max_scores": best,
+        "max_scores": _finite(dict(best)),
         "messages": [m.to_dict() for m in t.messages],
         "request": dict(t.request),
         "policy": dict(t.policy),
         "detector_specs": [s.to_dict() for s in t.detector_specs],
-        "thresholds": dict(t.thresholds),
+        "thresholds": _finite(dict(t.thresholds)),
     }
 
 

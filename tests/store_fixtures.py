@@ -1,0 +1,244 @@
+"""Store fixtures (a plugin of tests/conftest.py, so any test can use them): `store_url` for each
+backend, and sessions from a real Pipeline to store.
+
+`store_url` is a SQLite file, or a fresh database in a throwaway PostgreSQL cluster. The cluster
+is started once per test session (initdb + pg_ctl, under a second), listens only on a Unix socket
+in its own temporary directory, and is stopped and removed at the end of the session, whatever
+the tests did. `transcript` and `run_session` run a ScriptedEngine through a real Pipeline with
+toy detectors, so stored sessions hold what live ones do: float64 readouts, detections with
+evidence, several flags, evaluations, request parameters and thresholds.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import glob
+import itertools
+import math
+import os
+import pwd
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+from prometheus_client import CollectorRegistry
+
+from conftest import free_port
+from monitor.detector import DetectorContext, DetectorRegistry
+from monitor.observability import Metrics
+from monitor.pipeline import Pipeline, Sink
+from monitor.policy import parse_policy
+from monitor.testing import ScriptedEngine
+from monitor.types import ChatMessage, Detection, DetectorSpec, Evidence, Flag, GenerationRequest, Readout, TraceStep, Transcript
+
+NO_SERVER = "PostgreSQL server binaries not found (apt-get install postgresql); `make test` installs them where it can"
+
+
+@dataclass(frozen=True)
+class PostgresCluster:
+    """A running throwaway cluster reachable through a Unix socket in `socket_dir`."""
+
+    socket_dir: Path
+    port: int
+    _databases: Iterator[int]
+
+    def url(self, database: str) -> str:
+        return f"postgresql://test@/{database}?host={self.socket_dir}&port={self.port}"
+
+    def create_database(self) -> str:
+        """A new empty database; returns its URL."""
+        import psycopg
+
+        name = f"store_{next(self._databases)}"
+        with psycopg.connect(host=str(self.socket_dir), port=self.port, user="test", dbname="postgres", autocommit=True) as conn:
+            conn.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'")
+        return self.url(name)
+
+
+def _server_bin() -> Path | None:
+    """The newest installed PostgreSQL's bin directory (Debian's layout first, then PATH)."""
+
+    def version(initdb: str) -> int:
+        name = Path(initdb).parts[-3]
+        return int(name) if name.isdigit() else 0
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version, reverse=True)
+    initdb = found[0] if found else shutil.which("initdb")
+    if initdb is None or not (Path(initdb).parent / "pg_ctl").exists():
+        return None
+    return Path(initdb).parent
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster | None]:
+    """A throwaway PostgreSQL cluster for the session, or None where the server is not installed."""
+    bin_dir = _server_bin()
+    if bin_dir is None:
+        yield None
+        return
+    # initdb refuses root: as root, the cluster belongs to the `postgres` user.
+    as_user: list[str] = []
+    owner: pwd.struct_passwd | None = None
+    if os.geteuid() == 0:
+        try:
+            owner = pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.fail("running as root, and there is no `postgres` user to own the test cluster")
+        as_user = ["runuser", "-u", "postgres", "--"]
+    # In memory where there is a tmpfs: CREATE DATABASE then takes ~20 ms instead of ~300 ms on disk.
+    shm = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None
+    base = Path(tempfile.mkdtemp(prefix="cotmon-pg-", dir=shm))
+    data, log = base / "data", base / "server.log"
+    if owner is not None:
+        os.chown(base, owner.pw_uid, owner.pw_gid)
+    port = free_port()
+    options = f"-k {base} -p {port} -c listen_addresses='' -c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+
+    def run(*args: str) -> None:
+        subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=120)
+
+    try:
+        try:
+            run(str(bin_dir / "initdb"), "-D", str(data), "-U", "test", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
+            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+        except subprocess.CalledProcessError as exc:
+            server_log = log.read_text(errors="replace") if log.exists() else ""
+            pytest.fail(f"could not start the test PostgreSQL cluster: {exc.stderr or exc.stdout}\n{server_log}")
+        yield PostgresCluster(base, port, itertools.count())
+    finally:
+        if (data / "postmaster.pid").exists():
+            subprocess.run(
+                [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
+                capture_output=True,
+                timeout=60,
+            )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A URL of an empty database: a SQLite file, or a fresh database in the PostgreSQL cluster."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store.db'}"
+    cluster: PostgresCluster | None = request.getfixturevalue("postgres_cluster")
+    if cluster is None:
+        pytest.skip(NO_SERVER)
+    return cluster.create_database()
+
+
+# -- transcripts from a real pipeline ---------------------------------------------------------------
+
+
+class ToyScore:
+    """Test detector: score = sigmoid(readout named after the detector), in the spec's category.
+
+    Also an explainer: a flag's evidence quotes the flagged span of the chain of thought.
+    """
+
+    def __init__(self, spec: DetectorSpec, context: DetectorContext):
+        self.spec, self.context = spec, context
+        self.category = str(spec.args.get("category", "deception"))
+        self.texts: list[str] = []
+
+    @classmethod
+    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ToyScore:
+        return cls(spec, context)
+
+    def readouts(self) -> Sequence[Readout]:
+        return [Readout(self.spec.name, 0, np.zeros(self.context.model.d_model, np.float32))]
+
+    def calibrated_threshold(self) -> float | None:
+        return self.spec.args.get("threshold")
+
+    async def observe(self, step: TraceStep) -> Sequence[Detection]:
+        self.texts.append(step.text)
+        if self.spec.name not in step.readouts:
+            return []
+        score = 1.0 / (1.0 + math.exp(-step.readouts[self.spec.name]))
+        return [Detection(self.spec.name, self.category, score, step.index, step.index + 1)]
+
+    def explain(self, flag: Flag, start: int, end: int) -> Sequence[Evidence]:
+        quote = "".join(self.texts[start:end])
+        return [Evidence(f"{self.spec.name} direction", f"tokens {start}..{end}", (quote, self.texts[end - 1]))]
+
+
+SPECS = (
+    DetectorSpec("toy_score", "s", {"category": "deception", "threshold": 0.5}),
+    DetectorSpec("toy_score", "q", {"category": "harmful_planning"}),
+)
+RULES = [
+    {
+        "name": "s-high",
+        "category": "deception",
+        "severity": "warning",
+        "when": {"detector": "s", "gte": 0.7},
+        "actions": ["alert"],
+    },
+    {
+        "name": "q-spike",
+        "category": "harmful_planning",
+        "severity": "critical",
+        "when": {"detector": "q", "stat": "max", "window": 3, "gte": 0.9},
+        "actions": ["alert", "store"],
+    },
+    {"name": "s-noted", "category": "deception", "severity": "info", "when": {"detector": "s", "gte": 0.6}, "actions": ["alert"]},
+]
+TOKENS = [
+    ("Let ", "reasoning"),
+    ("me ", "reasoning"),
+    ("think: ", "reasoning"),
+    ("naïve ", "reasoning"),
+    ("日本語 ", "reasoning"),
+    ("🙂 ", "reasoning"),
+    ("hide ", "reasoning"),
+    ("the ", "reasoning"),
+    ("bug", "reasoning"),
+    ("</think>", "reasoning"),
+    (" Done", "answer"),
+    (" ✓", "answer"),
+]
+# float64 values that float32 cannot hold exactly; `s` crosses 0.6 then 0.7, `q` spikes at token 6.
+READOUTS = [{"s": -2.0 + 0.3 * i + 1 / 3, "q": math.pi * (2.0 if i == 6 else -0.5) + i / 7} for i in range(len(TOKENS))]
+MESSAGES = (ChatMessage("system", "Be honest."), ChatMessage("user", "Did you run the tests? Ça marche ? 日本"))
+
+RunSession = Callable[..., Transcript]
+
+
+def _registry() -> DetectorRegistry:
+    registry = DetectorRegistry()
+    registry.register("toy_score", ToyScore)
+    return registry
+
+
+@pytest.fixture
+def run_session() -> RunSession:
+    """run_session(session_id, tokens=..., readouts=..., rules=..., sinks=...) -> the transcript of a
+    ScriptedEngine generation through a real Pipeline (toy detectors `s` and `q`)."""
+
+    def run(
+        session_id: str = "session-1",
+        *,
+        tokens: Sequence[tuple[str, str]] = TOKENS,
+        readouts: Sequence[Mapping[str, float]] = READOUTS,
+        rules: Sequence[Mapping[str, object]] = RULES,
+        sinks: Sequence[Sink] = (),
+    ) -> Transcript:
+        policy = parse_policy({"name": "store-test", "rules": list(rules)}, "store-test.yaml")
+        engine = ScriptedEngine(tokens, readouts)
+        metrics = Metrics(CollectorRegistry())
+        pipeline = Pipeline(engine, SPECS, policy, registry=_registry(), metrics=metrics, sinks=sinks)
+        request = GenerationRequest(MESSAGES, max_tokens=64, temperature=0.7, top_p=0.9, seed=7, session_id=session_id)
+        return asyncio.run(pipeline.generate(request).run())
+
+    return run
+
+
+@pytest.fixture
+def transcript(run_session: RunSession) -> Transcript:
+    """A completed, flagged session with float64 readouts, evidence, three flags and non-ASCII text."""
+    return run_session()
