@@ -116,11 +116,6 @@ class Pipeline:
         context = dataclasses.replace(self.context, emit=emit, scores=scores, metrics=metrics or self.metrics)
         return self.registry.create_all(self.specs, context)
 
-    @property
-    def holds(self) -> bool:
-        """Whether a rule says `hold`: the answer then waits for detectors still at work (the judge)."""
-        return any("hold" in rule.actions for rule in self.policy.rules)
-
     def generate(self, request: GenerationRequest) -> Session:
         """A session that generates for `request`."""
         session_id = request.session_id or uuid.uuid4().hex

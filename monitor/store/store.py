@@ -13,7 +13,6 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -21,6 +20,7 @@ import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from monitor.store import codec
+from monitor.store.query import EVERYTHING, FIRST_PAGE, SessionQuery, SessionSummary, where_clauses
 from monitor.store.schema import flags, metadata, session_data, sessions
 from monitor.types import SEVERITIES, Flag, Severity, Transcript
 
@@ -31,75 +31,6 @@ PREVIEW_CHARS = 240
 
 class StoreError(RuntimeError):
     """The store cannot be opened or used (bad URL, unreachable database, failed migration)."""
-
-
-@dataclass(frozen=True)
-class SessionQuery:
-    """Filters for listing sessions; every field narrows the result."""
-
-    flagged: bool | None = None
-    category: str | None = None
-    """Sessions with a flag of this category."""
-    rule: str | None = None
-    """Sessions with a flag from this rule."""
-    severity: Severity | None = None
-    """Sessions whose highest flag severity is at least this."""
-    outcome: str | None = None
-    since: float | None = None
-    """Unix time: sessions started at or after it."""
-    until: float | None = None
-    """Unix time: sessions started before it."""
-    limit: int | None = 50
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class SessionSummary:
-    """One session as lists show it."""
-
-    session_id: str
-    started_at: float
-    ended_at: float
-    outcome: str
-    mode: str
-    model_id: str
-    model_revision: str
-    flagged: bool
-    severity: str | None
-    n_tokens: int
-    n_reasoning: int
-    preview: str
-    policy_name: str
-    max_scores: dict[str, float]
-    thresholds: dict[str, float | None]
-    flags: tuple[Flag, ...] = field(default=())
-
-    def to_dict(self) -> dict[str, Any]:
-        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "flags"}
-        return out | {"flags": [f.to_dict() for f in self.flags]}
-
-
-def parse_time(text: str, now: float | None = None) -> float:
-    """Unix time from `1764460800`, an ISO 8601 date or time (UTC unless it says), or an age such
-    as `30m`, `12h`, `7d` (that long before `now`). ValueError says what is accepted."""
-    import datetime as dt
-
-    value = text.strip()
-    units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-    try:
-        if value[-1:] in units and value[:-1].replace(".", "", 1).isdigit():
-            return (time.time() if now is None else now) - float(value[:-1]) * units[value[-1]]
-        if math.isfinite(seconds := float(value)):
-            return seconds
-    except ValueError:
-        pass
-    try:
-        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not a time: use unix seconds, ISO 8601 (2026-11-30T12:00) or an age (30m, 12h, 7d)"
-        ) from None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
 
 
 def sqlite_url(data_dir: Path) -> str:
@@ -228,15 +159,15 @@ class TranscriptStore:
         except sa.exc.SQLAlchemyError as exc:
             raise StoreError(f"transcript store at {_redacted(self.url)} does not answer: {exc}") from exc
 
-    def count(self, query: SessionQuery = SessionQuery()) -> int:
-        stmt = sa.select(sa.func.count()).select_from(sessions).where(*_where(query))
+    def count(self, query: SessionQuery = FIRST_PAGE) -> int:
+        stmt = sa.select(sa.func.count()).select_from(sessions).where(*where_clauses(query))
         with self.engine.connect() as conn:
             return int(conn.execute(stmt).scalar_one())
 
-    def sessions(self, query: SessionQuery = SessionQuery()) -> list[SessionSummary]:
+    def sessions(self, query: SessionQuery = FIRST_PAGE) -> list[SessionSummary]:
         """Summaries of matching sessions, newest first, with their flags."""
         columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
-        stmt = sa.select(*columns).where(*_where(query)).order_by(sessions.c.started_at.desc(), sessions.c.session_id)
+        stmt = sa.select(*columns).where(*where_clauses(query)).order_by(sessions.c.started_at.desc(), sessions.c.session_id)
         stmt = stmt.offset(query.offset).limit(query.limit) if query.limit is not None else stmt.offset(query.offset)
         with self.engine.connect() as conn:
             rows = conn.execute(stmt).mappings().all()
@@ -253,7 +184,7 @@ class TranscriptStore:
             found = _flags_of(conn, [session_id]).get(session_id, ())
         return _transcript(row, data, found)
 
-    def transcripts(self, query: SessionQuery = SessionQuery(limit=None), batch: int = 200) -> Iterator[Transcript]:
+    def transcripts(self, query: SessionQuery = EVERYTHING, batch: int = 200) -> Iterator[Transcript]:
         """Whole transcripts of matching sessions, newest first, read in batches."""
         offset = query.offset
         while True:
@@ -269,15 +200,13 @@ class TranscriptStore:
                 return
             offset += len(page)
 
-    def detection_columns(
-        self, query: SessionQuery = SessionQuery(limit=None)
-    ) -> Iterator[tuple[SessionSummary, codec.DetectionColumns]]:
+    def detection_columns(self, query: SessionQuery = EVERYTHING) -> Iterator[tuple[SessionSummary, codec.DetectionColumns]]:
         """Each matching session's summary and packed detections (no tokens, no readouts)."""
         columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
         stmt = (
             sa.select(*columns, session_data.c.detections)
             .join(session_data, session_data.c.session_id == sessions.c.session_id)
-            .where(*_where(query))
+            .where(*where_clauses(query))
             .order_by(sessions.c.started_at.desc(), sessions.c.session_id)
             .offset(query.offset)
         )
@@ -328,28 +257,6 @@ def migrate(engine: Engine) -> None:
 
 def _redacted(url: str) -> str:
     return sa.engine.make_url(url).render_as_string(hide_password=True) if "://" in url else url
-
-
-def _where(q: SessionQuery) -> list[Any]:
-    where: list[Any] = []
-    if q.flagged is not None:
-        where.append(sessions.c.flagged.is_(q.flagged))
-    if q.outcome is not None:
-        where.append(sessions.c.outcome == q.outcome)
-    if q.severity is not None:
-        where.append(sessions.c.severity.in_(SEVERITIES[SEVERITIES.index(q.severity) :]))
-    if q.since is not None:
-        where.append(sessions.c.started_at >= q.since)
-    if q.until is not None:
-        where.append(sessions.c.started_at < q.until)
-    if q.category is not None or q.rule is not None:
-        match = sa.select(flags.c.session_id)
-        if q.category is not None:
-            match = match.where(flags.c.category == q.category)
-        if q.rule is not None:
-            match = match.where(flags.c.rule == q.rule)
-        where.append(sessions.c.session_id.in_(match))
-    return where
 
 
 def _flags_of(conn: Connection, session_ids: list[str] | None) -> dict[str, tuple[Flag, ...]]:
@@ -433,4 +340,4 @@ def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
     )
 
 
-__all__ = ["RETENTIONS", "Retention", "SessionQuery", "SessionSummary", "StoreError", "TranscriptStore", "metadata", "parse_time"]
+__all__ = ["RETENTIONS", "Retention", "StoreError", "TranscriptStore", "metadata"]
