@@ -197,3 +197,38 @@ def test_over_http_a_fail_closed_outage_ends_the_stream_before_any_answer(engine
     final = [c for c in chunks if c.choices and c.choices[0].finish_reason][-1]
     assert final.choices[0].finish_reason == "content_filter"
     assert [f["rule"] for f in final.model_extra["cotmon"]["flags"]] == ["judge-down"]
+
+
+def test_over_http_a_fail_open_outage_streams_the_answer_and_the_stored_session_carries_judge_unavailable(
+    engine: HFEngine, tmp_path: Path
+) -> None:
+    """The official client gets the whole answer; the transcript store (and /v1/sessions) keeps the judge's outage."""
+    import httpx
+    import openai
+
+    from monitor.server.app import create_app
+    from monitor.settings import Settings
+    from monitor.store import TranscriptStore
+    from monitor.testing import ServerThread
+
+    with TranscriptStore.at(tmp_path, keep="all") as store:
+        p = Pipeline(
+            engine, [judge_spec(closed_port_url(), max_retries=0)], NO_RULES, metrics=Metrics(CollectorRegistry()), sinks=[store]
+        )
+        app = create_app(Settings.load({}, data_dir=tmp_path), p, store=store, model_name="tiny")
+        with ServerThread(app) as server:
+            client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.with_raw_response.create(
+                model="tiny",
+                messages=[{"role": "user", "content": "Summarise the report."}],
+                max_tokens=40,
+                stream=True,
+                extra_body={"max_reasoning_tokens": 12, "ignore_eos": True, "seed": 1},
+            )
+            chunks = list(reply.parse())
+            stored = httpx.get(f"{server.base_url}/v1/sessions/{reply.headers['x-cotmon-session']}").json()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]
+    assert stored["outcome"] == "completed" and not stored["flags"]
+    unavailable = [d for d in stored["detections"] if d["category"] == "judge_unavailable"]
+    assert len(unavailable) == 1 and unavailable[0]["evidence"][0]["label"] == "judge unavailable"
