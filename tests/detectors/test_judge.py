@@ -181,8 +181,7 @@ def test_over_http_a_fail_closed_outage_ends_the_stream_before_any_answer(engine
 
     p, _ = pipeline(engine, [judge_spec(closed_port_url(), max_retries=0)], [HOLD_ON_OUTAGE])
     app = create_app(Settings.load({}, data_dir=tmp_path / "data"), p, model_name="tiny")
-    with ServerThread(app) as server:
-        client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
+    with ServerThread(app) as server, openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0) as client:
         stream = client.chat.completions.create(
             model="tiny",
             messages=[{"role": "user", "content": "Summarise the report."}],
@@ -217,15 +216,15 @@ def test_over_http_a_fail_open_outage_streams_the_answer_and_the_stored_session_
         )
         app = create_app(Settings.load({}, data_dir=tmp_path), p, store=store, model_name="tiny")
         with ServerThread(app) as server:
-            client = openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0)
-            reply = client.chat.completions.with_raw_response.create(
-                model="tiny",
-                messages=[{"role": "user", "content": "Summarise the report."}],
-                max_tokens=40,
-                stream=True,
-                extra_body={"max_reasoning_tokens": 12, "ignore_eos": True, "seed": 1},
-            )
-            chunks = list(reply.parse())
+            with openai.OpenAI(base_url=server.base_url + "/v1", api_key="none", max_retries=0) as client:
+                reply = client.chat.completions.with_raw_response.create(
+                    model="tiny",
+                    messages=[{"role": "user", "content": "Summarise the report."}],
+                    max_tokens=40,
+                    stream=True,
+                    extra_body={"max_reasoning_tokens": 12, "ignore_eos": True, "seed": 1},
+                )
+                chunks = list(reply.parse())
             stored = httpx.get(f"{server.base_url}/v1/sessions/{reply.headers['x-cotmon-session']}").json()
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["length"]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Iterator
 from typing import Any
 
 import httpx
@@ -21,8 +21,21 @@ from probes.datasets import load_examples
 MESSAGES: list[Any] = [{"role": "user", "content": "Did the deployment succeed?"}]
 
 
+_clients: list[openai.OpenAI] = []
+
+
+@pytest.fixture(autouse=True)
+def _close_clients() -> Iterator[None]:
+    """Close each test's clients: one left to the garbage collector may have its socket collected
+    before the client closes it, a ResourceWarning in whatever test runs then."""
+    yield
+    while _clients:
+        _clients.pop().close()
+
+
 def _client(server: Any, key: str = "none") -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0)
+    _clients.append(openai.OpenAI(base_url=server.base_url + "/v1", api_key=key, max_retries=0))
+    return _clients[-1]
 
 
 def test_non_streaming_chat_returns_reasoning_answer_and_the_cotmon_object(serve: Serve) -> None:

@@ -44,12 +44,12 @@ def test_upstream_flags_equal_in_process_flags_for_the_same_transcript(
     request: dict[str, Any] = dict(
         model="tiny", messages=MESSAGES, max_tokens=60, temperature=0, extra_body={"max_reasoning_tokens": 30}
     )
-    client = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
-    chunks = list(client.chat.completions.create(stream=True, **request))
+    with openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0) as client:
+        chunks = list(client.chat.completions.create(stream=True, **request))
     via_proxy = (chunks[-1].model_extra or {})["cotmon"]
 
-    direct = openai.OpenAI(base_url=upstream.base_url + "/v1", api_key="none", max_retries=0)
-    text = direct.chat.completions.create(**request).choices[0].message
+    with openai.OpenAI(base_url=upstream.base_url + "/v1", api_key="none", max_retries=0) as direct:
+        text = direct.chat.completions.create(**request).choices[0].message
     reasoning = (text.model_extra or {})["reasoning"]
     transcript = reasoning + "</think>" + (text.content or "")
 
@@ -71,12 +71,12 @@ def test_a_halt_closes_the_upstream_stream(serve: Serve) -> None:
     proxy = serve(
         rules=[HALT_AT_FIFTH], use_engine=UpstreamEngine(upstream.base_url + "/v1", HFEngine.load("tiny"), model="tiny")
     )
-    client = openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0)
-    chunks = list(
-        client.chat.completions.create(
-            model="tiny", messages=MESSAGES, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+    with openai.OpenAI(base_url=proxy.base_url + "/v1", api_key="none", max_retries=0) as client:
+        chunks = list(
+            client.chat.completions.create(
+                model="tiny", messages=MESSAGES, max_tokens=2000, stream=True, extra_body={"ignore_eos": True}
+            )
         )
-    )
     assert chunks[-1].choices[0].finish_reason == "content_filter"
     value = upstream.metrics.registry.get_sample_value
     for _ in range(100):
