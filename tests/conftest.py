@@ -171,4 +171,3 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
     yield start
     for server in stack:
         server.__exit__(None, None, None)
-
