@@ -44,6 +44,7 @@ from monitor.types import (
     Outcome,
     TraceStep,
     Transcript,
+    max_scores,
 )
 
 
@@ -54,14 +55,12 @@ class Sink(Protocol):
 
 
 @runtime_checkable
-class DurableSink(Protocol):
+class DurableSink(Sink, Protocol):
     """A sink that commits a session the moment a rule fires (the transcript store).
 
     `checkpoint` gets the session so far (outcome `running`) and returns once it is durable; only
     then are the flags counted, so an alert never points at a transcript a crash could lose.
     """
-
-    def write(self, transcript: Transcript) -> None: ...
 
     def checkpoint(self, transcript: Transcript) -> None: ...
 
@@ -366,15 +365,6 @@ class Session:
         for sink in self.sinks:
             self._deliver(sink, sink.write, transcript)
         self.pipeline.log.info("session", **session_summary(transcript))
-
-
-def max_scores(detections: Sequence[Detection]) -> dict[str, float]:
-    """Highest score per detector."""
-    best: dict[str, float] = {}
-    for det in detections:
-        if det.score > best.get(det.detector, -1.0):
-            best[det.detector] = det.score
-    return best
 
 
 def mean_scores(t: Transcript, channel: Channel = "reasoning") -> dict[str, float]:

@@ -23,7 +23,7 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import Policy, PolicyError, backtest, parse_policy
 from monitor.store import SessionQuery, TranscriptStore
-from monitor.store.codec import DetectionColumns
+from monitor.store.codec import DetectionColumns, detection_columns
 from monitor.types import Flag, Transcript
 
 Change = Literal["same", "moved", "new", "gone"]
@@ -98,9 +98,9 @@ class ReplayResult:
         }
 
 
-def stored_policy(stored: Transcript, thresholds: Mapping[str, float | None] | None = None) -> Policy:
-    """The policy the session ran under, as stored with it."""
-    return parse_policy(dict(stored.policy), f"<policy stored with session {stored.session_id}>", thresholds)
+def stored_policy(stored: Transcript) -> Policy:
+    """The policy the session ran under, as stored with it (its `calibrated` bounds: the stored thresholds)."""
+    return parse_policy(dict(stored.policy), f"<policy stored with session {stored.session_id}>", dict(stored.thresholds))
 
 
 def replay_pipeline(
@@ -169,9 +169,7 @@ def replay_policy(
 ) -> ReplayResult:
     """`policy` over a stored session's detections (no model)."""
     if isinstance(stored, Transcript):
-        from monitor.store.codec import pack_detections, unpack_detections
-
-        columns = unpack_detections(pack_detections(stored.detections, stored.evaluations))
+        columns = detection_columns(stored.detections, stored.evaluations)
         session_id, old_flags, thresholds = stored.session_id, stored.flags, stored.thresholds
     else:
         columns = stored

@@ -22,8 +22,11 @@ Outcome = Literal["completed", "halted", "aborted", "error", "running"]
 Mode = Literal["generate", "teacher_force", "replay"]
 """Where a session's tokens came from: generated, a given text teacher-forced, or a stored session replayed."""
 
+CHANNELS: tuple[Channel, ...] = ("reasoning", "answer")
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 ACTIONS: tuple[Action, ...] = ("alert", "store", "halt", "hold")
+OUTCOMES: tuple[Outcome, ...] = ("completed", "halted", "aborted", "error", "running")
+MODES: tuple[Mode, ...] = ("generate", "teacher_force", "replay")
 
 
 @dataclass(frozen=True)
@@ -143,6 +146,15 @@ class Detection:
     """One past the last token index of the span."""
     evidence: tuple[Evidence, ...] = ()
     """Optional explanation."""
+
+
+def max_scores(detections: Sequence[Detection]) -> dict[str, float]:
+    """Highest score per detector."""
+    best: dict[str, float] = {}
+    for det in detections:
+        if det.score > best.get(det.detector, -1.0):
+            best[det.detector] = det.score
+    return best
 
 
 @dataclass(frozen=True)

@@ -32,8 +32,8 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import load_policy
 from monitor.server.app import create_app
+from monitor.server.serve import open_store
 from monitor.settings import Settings
-from monitor.store import TranscriptStore
 from monitor.testing import ServerThread
 from monitor.types import ChatMessage, DetectorSpec
 from policies import bundled_policy
@@ -71,8 +71,7 @@ async def _run(settings: Settings, console: Console, out: Path, layers_opt: str 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     policy_path = settings.policy or bundled_policy("default")
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
-    store = TranscriptStore(settings.store_location, keep="all")  # the examples keep their ids: a rerun replaces them
+    store = open_store(settings, keep="all")  # the examples keep their ids: a rerun replaces them
     pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[store])
     app = create_app(settings, pipeline, store=store, metrics=metrics, model_name=info.model_id)
     with store, ServerThread(app) as server:

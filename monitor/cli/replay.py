@@ -137,7 +137,7 @@ def _replay_one(stored: Any, policy_only: bool, options: dict[str, Any]) -> Any:
     if policy_only:
         if detectors_path is not None:
             raise click.UsageError("--policy-only re-runs a policy over stored detections; new detectors need the model")
-        policy = load_policy(policy_path, dict(stored.thresholds)) if policy_path else stored_policy(stored, stored.thresholds)
+        policy = load_policy(policy_path, dict(stored.thresholds)) if policy_path else stored_policy(stored)
         return replay_policy(stored, policy)
     settings = Settings.load(device=options["device"], dtype=options["dtype"])
     model_id = options["model"] or stored.model.model_id

@@ -7,7 +7,7 @@ from typing import Any
 
 import click
 
-from monitor.types import SEVERITIES
+from monitor.types import OUTCOMES, SEVERITIES
 
 F = Callable[..., Any]
 
@@ -33,7 +33,7 @@ def filter_options(f: F) -> F:
         ),
         click.option(
             "--outcome",
-            type=click.Choice(["completed", "halted", "aborted", "error", "running"]),
+            type=click.Choice(OUTCOMES),
             default=None,
             help="Only this outcome.",
         ),
@@ -49,25 +49,13 @@ def filter_options(f: F) -> F:
 
 def session_query(options: dict[str, Any], limit: int | None, offset: int = 0) -> Any:
     """The SessionQuery the filter options describe; a bad time is a usage error naming the option."""
-    from monitor.store import SessionQuery, parse_time
+    from monitor.store import QueryError, parse_query
 
-    times = {}
-    for name in ("since", "until"):
-        try:
-            times[name] = parse_time(options[name]) if options.get(name) else None
-        except ValueError as exc:
-            raise click.BadParameter(str(exc), param_hint=f"--{name}") from None
-    return SessionQuery(
-        flagged=options.get("flagged"),
-        category=options.get("category"),
-        rule=options.get("rule"),
-        severity=options.get("severity"),
-        outcome=options.get("outcome"),
-        since=times["since"],
-        until=times["until"],
-        limit=limit,
-        offset=offset,
-    )
+    names = ("flagged", "category", "rule", "severity", "outcome", "since", "until")
+    try:
+        return parse_query(limit=limit, offset=offset, **{name: options.get(name) for name in names})
+    except QueryError as exc:
+        raise click.BadParameter(str(exc), param_hint=f"--{exc.param}") from None
 
 
 def open_store(store_url: str | None) -> Any:
@@ -77,8 +65,6 @@ def open_store(store_url: str | None) -> Any:
 
     try:
         settings = Settings.load(store_url=store_url)
-        if settings.store_url is None:
-            settings.data_dir.mkdir(parents=True, exist_ok=True)
-        return TranscriptStore(settings.store_location)
+        return TranscriptStore.configured(settings.store_url, settings.data_dir)
     except (SettingsError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None

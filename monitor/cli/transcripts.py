@@ -70,8 +70,8 @@ def show_command(session_id: str, store_url: str | None, as_json: bool) -> None:
     """One stored session: messages, reasoning, answer, flags, detector maxima, judge rationales."""
     from rich.markup import escape
 
-    from monitor.pipeline import max_scores
     from monitor.store import transcript_to_dict
+    from monitor.types import max_scores
 
     with open_store(store_url) as store:
         t = store.get(session_id)

@@ -11,14 +11,14 @@ so the flags are the evaluator's own, and most unflagged sessions cost a few arr
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
 from monitor.policy.evaluate import Key, PolicyEvaluator, key_of
-from monitor.policy.model import AllOf, AnyOf, Comparison, Condition, NotOf, Policy, When
+from monitor.policy.model import AllOf, AnyOf, Comparison, Condition, NotOf, Policy, When, conditions_of
 from monitor.types import Flag
 
 EPS = 1e-9  # slack for statistics whose float rounding may differ from the evaluator's (mean, ema)
@@ -92,15 +92,15 @@ def backtest(policy: Policy, columns: ScoreColumns, thresholds: Mapping[str, flo
     calls = np.asarray(columns.evaluations, dtype=np.int64).reshape(-1, 2)
     if not len(calls) or not policy.rules:
         return []
-    histories = {key: _history(key, columns, calls[:, 1]) for key in evaluator.windows}
+    windows = evaluator.windows
+    histories = {key: _history(key, columns, calls[:, 1]) for key in windows}
     candidates = np.zeros(len(calls), dtype=bool)
     for rule in policy.rules:
-        keys = {key_of(c) for c in _conditions(rule.when)}
+        keys = {key_of(c) for c in conditions_of(rule.when)}
         evaluated = np.logical_or.reduce([histories[k].touched for k in keys])
         evaluated[0] = True  # the first call evaluates every rule
         candidates |= evaluated & _may(rule.when, evaluator, histories)[0]
     flags: list[Flag] = []
-    windows = evaluator.windows
     for call in np.flatnonzero(candidates).tolist():
         tails = {key: h.tail(call, windows[key]).tolist() for key, h in histories.items()}
         touched = {key for key, h in histories.items() if h.touched[call]}
@@ -118,14 +118,6 @@ def _history(key: Key, columns: ScoreColumns, seen_after: npt.NDArray[np.int64])
         mask &= np.asarray(columns.category) == (columns.categories.index(category) if category in columns.categories else -1)
     positions = np.flatnonzero(mask)
     return _History(np.asarray(columns.score, dtype=np.float64)[positions], np.searchsorted(positions, seen_after, side="left"))
-
-
-def _conditions(when: When) -> Sequence[Condition]:
-    if isinstance(when, Condition):
-        return [when]
-    if isinstance(when, NotOf):
-        return _conditions(when.condition)
-    return [c for part in when.conditions for c in _conditions(part)]
 
 
 def _may(when: When, evaluator: PolicyEvaluator, histories: Mapping[Key, _History]) -> tuple[Bools, Bools]:

@@ -17,7 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
-from monitor.pipeline import Session, max_scores, mean_scores
+from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
 from monitor.server.protocol import (
@@ -34,7 +34,7 @@ from monitor.server.protocol import (
 )
 from monitor.server.stream import DeltaSplitter, split_steps
 from monitor.store import StoreError
-from monitor.types import GenerationRequest
+from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512
 SESSION_HEADER = "X-Cotmon-Session"

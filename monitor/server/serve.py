@@ -17,7 +17,7 @@ from monitor.pipeline import Pipeline
 from monitor.policy import Policy, load_policy
 from monitor.server.app import create_app
 from monitor.settings import Settings
-from monitor.store import TranscriptStore
+from monitor.store import Retention, TranscriptStore
 from monitor.types import DetectorSpec
 
 NO_RULES = Policy(name="none", description="no detectors are configured", rules=(), source="<no policy>")
@@ -48,11 +48,11 @@ def probe_specs(directory: Path | None) -> list[DetectorSpec]:
     ]
 
 
-def open_store(settings: Settings) -> TranscriptStore:
-    """The transcript store the settings name (SQLite under data_dir by default), migrated to the newest schema."""
-    if settings.store_url is None:
-        settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return TranscriptStore(settings.store_location, keep=settings.store_keep, sample_rate=settings.store_sample)
+def open_store(settings: Settings, keep: Retention | None = None) -> TranscriptStore:
+    """The transcript store the settings name (SQLite under data_dir by default), migrated to the
+    newest schema; `keep` overrides the retention setting."""
+    keep = keep or settings.store_keep
+    return TranscriptStore.configured(settings.store_url, settings.data_dir, keep=keep, sample_rate=settings.store_sample)
 
 
 def build_pipeline(

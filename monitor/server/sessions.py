@@ -9,11 +9,11 @@ from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.policy import Policy, PolicyError, parse_policy
-from monitor.replay import ReplayResult, replay_full, replay_policy
+from monitor.replay import ReplayResult, replay_full, replay_policy, stored_policy
 from monitor.server.app import ServerState
 from monitor.server.protocol import APIError
-from monitor.store import SessionQuery, TranscriptStore, parse_time, transcript_to_dict
-from monitor.types import SEVERITIES, Transcript
+from monitor.store import QueryError, SessionQuery, TranscriptStore, parse_query, transcript_to_dict
+from monitor.types import Transcript
 
 ReplayMode = Literal["auto", "full", "policy"]
 
@@ -54,29 +54,13 @@ def session_query(
     offset: int = 0,
 ) -> SessionQuery:
     """Query parameters -> SessionQuery; a bad value is a 400 naming the parameter."""
-    if severity is not None and severity not in SEVERITIES:
-        raise APIError(400, f"severity must be one of {', '.join(SEVERITIES)}", param="severity")
     if not 1 <= limit <= 1000:
         raise APIError(400, "limit must be between 1 and 1000", param="limit")
-    if offset < 0:
-        raise APIError(400, "offset must not be negative", param="offset")
-    times = {}
-    for name, value in (("since", since), ("until", until)):
-        try:
-            times[name] = parse_time(value) if value else None
-        except ValueError as exc:
-            raise APIError(400, str(exc), param=name) from None
-    return SessionQuery(
-        flagged=flagged,
-        category=category or None,
-        rule=rule or None,
-        severity=severity or None,
-        outcome=outcome or None,
-        since=times["since"],
-        until=times["until"],
-        limit=limit,
-        offset=offset,
-    )
+    filters = {"category": category, "rule": rule, "severity": severity, "outcome": outcome, "since": since, "until": until}
+    try:
+        return parse_query(flagged=flagged, limit=limit, offset=offset, **filters)
+    except QueryError as exc:
+        raise APIError(400, str(exc), param=exc.param) from None
 
 
 def stored_session(s: ServerState, session_id: str) -> Transcript:
@@ -120,20 +104,16 @@ async def replay_session(s: ServerState, session_id: str, body: ReplayRequest) -
     mode = body.mode if body.mode != "auto" else ("policy" if blocker else "full")
     if mode == "policy":
         try:
-            return replay_policy(stored, policy or _stored_policy(stored))
+            return replay_policy(stored, policy or stored_policy(stored))
         except PolicyError as exc:
             raise APIError(400, str(exc), param="policy") from None
     if blocker:
         raise APIError(409, f"cannot replay in full here: {blocker}; use mode 'policy' or `cotmon replay`", param="mode")
     await s.admission.enter()
     try:
-        return await replay_full(s.pipeline, stored, policy=policy or _stored_policy(stored))
+        return await replay_full(s.pipeline, stored, policy=policy or stored_policy(stored))
     finally:
         s.admission.leave()
-
-
-def _stored_policy(stored: Transcript) -> Policy:
-    return parse_policy(dict(stored.policy), f"<policy stored with session {stored.session_id}>", dict(stored.thresholds))
 
 
 router = APIRouter()
@@ -159,4 +139,3 @@ async def replay(request: Request, session_id: str, body: ReplayRequest | None =
     """Replay a stored session and diff its flags (see ReplayRequest.mode)."""
     result = await replay_session(_state(request), session_id, body or ReplayRequest(policy=None, mode="auto"))
     return result.to_dict()
-

@@ -20,6 +20,9 @@ import numpy.typing as npt
 
 from monitor.types import (
     ACTIONS,
+    CHANNELS,
+    MODES,
+    OUTCOMES,
     SEVERITIES,
     ChatMessage,
     Detection,
@@ -32,9 +35,6 @@ from monitor.types import (
 )
 
 MAGIC = b"CTM1"
-CHANNELS = ("reasoning", "answer")
-OUTCOMES = ("completed", "halted", "aborted", "error", "running")
-MODES = ("generate", "teacher_force", "replay")
 
 
 class TranscriptFormatError(ValueError):
@@ -282,31 +282,6 @@ def _evidence_dict(e: Evidence) -> dict[str, Any]:
     return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
 
 
-def pack_detections(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> bytes:
-    """Detections as columns (names, categories and evidence as small integer codes) plus the
-    evaluation steps. Each distinct evidence tuple is stored once (a probe attaches the same one
-    to every token), as JSON bytes that only `DetectionColumns.detections()` parses."""
-    names: dict[str, int] = {}
-    categories: dict[str, int] = {}
-    evidence: dict[tuple[Evidence, ...], int] = {}
-    n = len(detections)
-    codes = np.fromiter((evidence.setdefault(d.evidence, len(evidence)) if d.evidence else -1 for d in detections), np.int32, n)
-    distinct = json.dumps([[_evidence_dict(e) for e in group] for group in evidence], separators=(",", ":")).encode()
-    return pack(
-        {
-            "detector": np.fromiter((names.setdefault(d.detector, len(names)) for d in detections), np.int32, n),
-            "category": np.fromiter((categories.setdefault(d.category, len(categories)) for d in detections), np.int32, n),
-            "score": np.fromiter((d.score for d in detections), np.float64, n),
-            "start": np.fromiter((d.start for d in detections), np.int64, n),
-            "end": np.fromiter((d.end for d in detections), np.int64, n),
-            "evidence": codes,
-            "evidence_json": np.frombuffer(distinct, dtype=np.uint8),
-            "evaluations": np.array(list(evaluations), dtype=np.int64).reshape(len(evaluations), 2),
-        },
-        {"detectors": list(names), "categories": list(categories)},
-    )
-
-
 @dataclasses.dataclass(frozen=True)
 class DetectionColumns:
     """A stored session's detections as arrays: what a policy-only replay reads."""
@@ -338,6 +313,46 @@ class DetectionColumns:
             )
             for i in range(len(det))
         )
+
+
+def detection_columns(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> DetectionColumns:
+    """Detections as columns (names, categories and evidence as small integer codes) plus the
+    evaluation steps. Each distinct evidence tuple is kept once (a probe attaches the same one to
+    every token), as JSON bytes that only `DetectionColumns.detections()` parses."""
+    names: dict[str, int] = {}
+    categories: dict[str, int] = {}
+    evidence: dict[tuple[Evidence, ...], int] = {}
+    n = len(detections)
+    return DetectionColumns(
+        detector=np.fromiter((names.setdefault(d.detector, len(names)) for d in detections), np.int32, n),
+        category=np.fromiter((categories.setdefault(d.category, len(categories)) for d in detections), np.int32, n),
+        score=np.fromiter((d.score for d in detections), np.float64, n),
+        start=np.fromiter((d.start for d in detections), np.int64, n),
+        end=np.fromiter((d.end for d in detections), np.int64, n),
+        evaluations=np.array(list(evaluations), dtype=np.int64).reshape(len(evaluations), 2),
+        evidence=np.fromiter(
+            (evidence.setdefault(d.evidence, len(evidence)) if d.evidence else -1 for d in detections), np.int32, n
+        ),
+        evidence_json=json.dumps([[_evidence_dict(e) for e in group] for group in evidence], separators=(",", ":")).encode(),
+        detectors=list(names),
+        categories=list(categories),
+    )
+
+
+def pack_detections(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> bytes:
+    """`detection_columns` as a blob (see `unpack_detections`)."""
+    c = detection_columns(detections, evaluations)
+    arrays: dict[str, npt.NDArray[Any]] = {
+        "detector": c.detector,
+        "category": c.category,
+        "score": c.score,
+        "start": c.start,
+        "end": c.end,
+        "evidence": c.evidence,
+        "evidence_json": np.frombuffer(c.evidence_json, dtype=np.uint8),
+        "evaluations": c.evaluations,
+    }
+    return pack(arrays, {"detectors": c.detectors, "categories": c.categories})
 
 
 def unpack_detections(blob: bytes) -> DetectionColumns:

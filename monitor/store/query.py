@@ -89,6 +89,51 @@ def parse_time(text: str, now: float | None = None) -> float:
     return (parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.UTC)).timestamp()
 
 
+class QueryError(ValueError):
+    """A filter value that does not parse; `param` names the filter."""
+
+    def __init__(self, param: str, message: str):
+        super().__init__(message)
+        self.param = param
+
+
+def parse_query(
+    *,
+    flagged: bool | None = None,
+    category: str | None = None,
+    rule: str | None = None,
+    severity: str | None = None,
+    outcome: str | None = None,
+    since: str | None = None,
+    until: str | None = None,
+    limit: int | None = 50,
+    offset: int = 0,
+) -> SessionQuery:
+    """A SessionQuery from filters as people give them (times as `parse_time` reads them; empty
+    strings mean no filter); QueryError names the filter that is wrong."""
+    if severity and severity not in SEVERITIES:
+        raise QueryError("severity", f"severity must be one of {', '.join(SEVERITIES)}")
+    if offset < 0:
+        raise QueryError("offset", "offset must not be negative")
+    times: dict[str, float | None] = {}
+    for name, value in (("since", since), ("until", until)):
+        try:
+            times[name] = parse_time(value) if value else None
+        except ValueError as exc:
+            raise QueryError(name, str(exc)) from None
+    return SessionQuery(
+        flagged=flagged,
+        category=category or None,
+        rule=rule or None,
+        severity=severity or None,
+        outcome=outcome or None,
+        since=times["since"],
+        until=times["until"],
+        limit=limit,
+        offset=offset,
+    )
+
+
 def where_clauses(q: SessionQuery) -> list[Any]:
     where: list[Any] = []
     if q.flagged is not None:

@@ -13,6 +13,7 @@ import math
 import threading
 import time
 from collections.abc import Iterator, Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,7 +23,7 @@ from sqlalchemy.engine import Connection, Engine
 from monitor.store import codec
 from monitor.store.query import EVERYTHING, FIRST_PAGE, SessionQuery, SessionSummary, where_clauses
 from monitor.store.schema import flags, metadata, session_data, sessions
-from monitor.types import SEVERITIES, Flag, Severity, Transcript
+from monitor.types import SEVERITIES, ChatMessage, DetectorSpec, Flag, ModelInfo, Severity, Transcript, max_scores
 
 Retention = Literal["all", "flagged", "sample"]
 RETENTIONS: tuple[Retention, ...] = ("all", "flagged", "sample")
@@ -87,6 +88,11 @@ class TranscriptStore:
         """The default SQLite store under `data_dir`."""
         data_dir.mkdir(parents=True, exist_ok=True)
         return cls(sqlite_url(data_dir), **kwargs)
+
+    @classmethod
+    def configured(cls, url: str | None, data_dir: Path, **kwargs: Any) -> TranscriptStore:
+        """The store at `url` (COTMON_STORE_URL), else the default SQLite store under `data_dir`."""
+        return cls(url, **kwargs) if url else cls.at(data_dir, **kwargs)
 
     def close(self) -> None:
         self.engine.dispose()
@@ -166,11 +172,8 @@ class TranscriptStore:
 
     def sessions(self, query: SessionQuery = FIRST_PAGE) -> list[SessionSummary]:
         """Summaries of matching sessions, newest first, with their flags."""
-        columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
-        stmt = sa.select(*columns).where(*where_clauses(query)).order_by(sessions.c.started_at.desc(), sessions.c.session_id)
-        stmt = stmt.offset(query.offset).limit(query.limit) if query.limit is not None else stmt.offset(query.offset)
         with self.engine.connect() as conn:
-            rows = conn.execute(stmt).mappings().all()
+            rows = conn.execute(_page(sa.select(*SUMMARY_COLUMNS), query)).mappings().all()
             by_session = _flags_of(conn, [r["session_id"] for r in rows if r["flagged"]])
         return [SessionSummary(**dict(r), flags=by_session.get(r["session_id"], ())) for r in rows]
 
@@ -202,16 +205,10 @@ class TranscriptStore:
 
     def detection_columns(self, query: SessionQuery = EVERYTHING) -> Iterator[tuple[SessionSummary, codec.DetectionColumns]]:
         """Each matching session's summary and packed detections (no tokens, no readouts)."""
-        columns = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
-        stmt = (
-            sa.select(*columns, session_data.c.detections)
-            .join(session_data, session_data.c.session_id == sessions.c.session_id)
-            .where(*where_clauses(query))
-            .order_by(sessions.c.started_at.desc(), sessions.c.session_id)
-            .offset(query.offset)
+        joined = sa.select(*SUMMARY_COLUMNS, session_data.c.detections).join(
+            session_data, session_data.c.session_id == sessions.c.session_id
         )
-        if query.limit is not None:
-            stmt = stmt.limit(query.limit)
+        stmt = _page(joined, query)
         with self.engine.connect() as conn:
             all_flags = _flags_of(conn, None)
             for row in conn.execute(stmt.execution_options(yield_per=500)).mappings():
@@ -219,6 +216,15 @@ class TranscriptStore:
                 blob = values.pop("detections")
                 summary = SessionSummary(**values, flags=all_flags.get(values["session_id"], ()))
                 yield summary, codec.unpack_detections(blob)
+
+
+SUMMARY_COLUMNS = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
+
+
+def _page(stmt: Any, query: SessionQuery) -> Any:
+    """`stmt` narrowed by the query's filters, newest first, with its offset and limit."""
+    stmt = stmt.where(*where_clauses(query)).order_by(sessions.c.started_at.desc(), sessions.c.session_id).offset(query.offset)
+    return stmt if query.limit is None else stmt.limit(query.limit)
 
 
 def _create_engine(url: str) -> Engine:
@@ -284,12 +290,7 @@ def _finite(values: dict[str, float | None]) -> dict[str, float | None]:
 
 
 def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
-    from dataclasses import asdict
-
     reasoning = t.reasoning
-    best: dict[str, float] = {}
-    for det in t.detections:
-        best[det.detector] = max(det.score, best.get(det.detector, 0.0))
     return {
         "session_id": t.session_id,
         "started_at": t.started_at,
@@ -307,7 +308,7 @@ def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
         "preview": _text((reasoning or t.answer)[:PREVIEW_CHARS]),
         "error": None if t.error is None else _text(t.error),
         "policy_name": str(t.policy.get("name", "")),
-        "max_scores": _finite(dict(best)),
+        "max_scores": _finite(dict(max_scores(t.detections))),
         "messages": [m.to_dict() for m in t.messages],
         "request": dict(t.request),
         "policy": dict(t.policy),
@@ -317,8 +318,6 @@ def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
 
 
 def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
-    from monitor.types import ChatMessage, DetectorSpec, ModelInfo
-
     columns = codec.unpack_detections(data["detections"])
     return Transcript(
         session_id=row["session_id"],

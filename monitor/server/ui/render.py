@@ -9,6 +9,8 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from monitor.policy import PolicyError, parse_policy
+from monitor.policy.model import conditions_of
 from monitor.types import Detection, Transcript
 
 SHADES = 10
@@ -92,23 +94,12 @@ def quote_marks(texts: Sequence[str], quotes: Iterable[str]) -> list[bool]:
 
 def rule_detectors(policy: Mapping[str, Any], rule: str) -> list[str]:
     """Detectors a stored policy's rule reads, in the order its conditions name them."""
-    found: list[str] = []
-
-    def walk(node: Any) -> None:
-        if isinstance(node, Mapping):
-            name = node.get("detector")
-            if isinstance(name, str) and name not in found:
-                found.append(name)
-            for value in node.values():
-                walk(value)
-        elif isinstance(node, list | tuple):
-            for value in node:
-                walk(value)
-
-    for r in policy.get("rules") or ():
-        if isinstance(r, Mapping) and r.get("name") == rule:
-            walk(r.get("when"))
-    return found
+    try:
+        rules = parse_policy(dict(policy), "<stored policy>").rules
+    except PolicyError:
+        return []
+    found = next((r for r in rules if r.name == rule), None)
+    return list(dict.fromkeys(c.detector for c in conditions_of(found.when))) if found else []
 
 
 def detector_names(t: Transcript) -> list[str]:

@@ -35,10 +35,9 @@ from monitor.server.ui.web import (
     state,
 )
 from monitor.store import SessionQuery
-from monitor.types import SEVERITIES
+from monitor.types import OUTCOMES, SEVERITIES
 
 FILTERS = ("flagged", "category", "rule", "severity", "outcome", "since", "until")
-OUTCOMES = ("completed", "halted", "aborted", "error", "running")
 REPLAY_MODES: dict[str, ReplayMode] = {"auto": "auto", "full": "full", "policy": "policy"}
 STYLESHEETS: dict[str, Path] = {p.name: p for p in (HERE / "static").glob("*.css")}
 
