@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+from monitor.types import CHANNELS, OUTCOMES
 
 SCORE_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99, 1.0)
 PER_TOKEN_BUCKETS = (1e-6, 5e-6, 1e-5, 5e-5, 1e-4, 5e-4, 1e-3, 5e-3, 1e-2, 0.1)
@@ -66,6 +68,27 @@ class Metrics:
             registry=registry,
         )
         self.store_errors = Counter("cotmon_store_errors", "Failed transcript writes.", registry=registry)
+
+    def declare(
+        self, *, flags: Iterable[tuple[str, str, str]] = (), halts: Iterable[str] = (), detectors: Iterable[str] = ()
+    ) -> None:
+        """Export at 0 the series this deployment can have, before their first event.
+
+        Prometheus sees a counter's first increment only as a change from an earlier sample: a
+        series that is born at 1 shows no `increase()`, so the first flag of a rule would raise no
+        alert. `flags` are (category, severity, rule) per policy rule; `halts` the rules that halt.
+        """
+        for channel in CHANNELS:
+            self.tokens.labels(channel)
+        for outcome in OUTCOMES:
+            if outcome != "running":  # a checkpoint, never a finished session
+                self.sessions.labels(outcome)
+        for category, severity, rule in flags:
+            self.flags.labels(category, severity, rule)
+        for rule in halts:
+            self.halts.labels(rule)
+        for name in detectors:
+            self.detector_seconds.labels(name)
 
 
 _DEFAULT_METRICS: Metrics | None = None

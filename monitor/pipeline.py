@@ -107,6 +107,11 @@ class Pipeline:
         # uncalibrated detectors fail here, naming the policy file, rule and field.
         self.policy = parse_policy(policy.to_dict(), policy.source, self.thresholds) if policy.rules else policy
         engine.install([r for d in prototypes for r in d.readouts()])
+        self.metrics.declare(
+            flags=[(r.category, r.severity, r.name) for r in self.policy.rules],
+            halts=[r.name for r in self.policy.rules if "halt" in r.actions],
+            detectors=[s.name for s in self.specs],
+        )
 
     def detectors(
         self, emit: Callable[[Sequence[Detection]], None], scores: Mapping[str, float], metrics: Metrics | None = None

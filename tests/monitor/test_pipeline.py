@@ -168,6 +168,24 @@ async def test_metrics_count_tokens_flags_scores_and_sessions(metrics: Metrics) 
     assert value("cotmon_sessions_active") == 0
 
 
+def test_a_new_pipeline_exports_each_rules_series_at_zero(metrics: Metrics) -> None:
+    """Before any session: Prometheus needs a 0 sample before the first flag, or the first flag of a
+    rule shows no increase() and raises no alert."""
+    watch = {**HALT_RULE, "name": "watch-it", "severity": "warning", "actions": ["alert"]}
+    Pipeline(
+        _scripted([0]), [DetectorSpec("readout_score", "s")], _policy([HALT_RULE, watch]), registry=_registry(), metrics=metrics
+    )  # type: ignore[arg-type]
+    value = metrics.registry.get_sample_value
+    assert value("cotmon_flags_total", {"category": "deception", "severity": "critical", "rule": "halt-it"}) == 0
+    assert value("cotmon_flags_total", {"category": "deception", "severity": "warning", "rule": "watch-it"}) == 0
+    assert value("cotmon_halts_total", {"rule": "halt-it"}) == 0
+    assert value("cotmon_halts_total", {"rule": "watch-it"}) is None  # it cannot halt
+    assert value("cotmon_tokens_total", {"channel": "answer"}) == 0
+    assert value("cotmon_sessions_total", {"outcome": "halted"}) == 0
+    assert value("cotmon_sessions_total", {"outcome": "running"}) is None
+    assert value("cotmon_detector_seconds_count", {"detector": "s"}) == 0
+
+
 async def test_one_canonical_log_line_per_session() -> None:
     out = io.StringIO()
     configure_logging(json=True, stream=out)
