@@ -30,8 +30,9 @@ from monitor.testing import ServerThread
 from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
-# The transcript store's fixtures (store_url on SQLite and a throwaway PostgreSQL, stored sessions).
-pytest_plugins = ["store_fixtures"]
+# The transcript store's fixtures (store_url on SQLite and a throwaway PostgreSQL, stored sessions),
+# and the chart's tools (helm, tsc, promtool).
+pytest_plugins = ["store_fixtures", "deploy_tools"]
 
 ProbeFactory = Callable[..., Path]
 
