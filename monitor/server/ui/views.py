@@ -190,6 +190,13 @@ async def logout(request: Request) -> Response:
     return response
 
 
+@router.get("/runbook", response_class=HTMLResponse)
+async def runbook(request: Request) -> HTMLResponse:
+    """What each of the chart's alerts means and what to do: their runbook_url points here. Public
+    (no login): it holds no transcript data, and on-call people reach it from a phone."""
+    return page(request, "runbook.html")
+
+
 @router.get("/static/{name}")
 async def stylesheet(name: str) -> Response:
     """The viewer's CSS (a fixed set of files: no path from the request reaches the file system)."""
