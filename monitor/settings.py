@@ -26,7 +26,11 @@ class Settings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     model: str = Field("tiny", description="Hub id, local path, or `tiny` (the built-in test model).")
-    engine: Literal["hf", "upstream"] = Field("hf", description="hf: generate in process; upstream: proxy another server.")
+    engine: Literal["hf", "upstream", "vllm"] = Field(
+        "hf",
+        description="hf: generate in process with transformers; vllm: generate in process with vLLM (GPU, the "
+        "cotmon[vllm] extra); upstream: proxy another server.",
+    )
     upstream_url: str | None = Field(None, description="Base URL (ending in /v1) of the OpenAI-compatible upstream server.")
     upstream_model: str | None = Field(None, description="Model name to ask the upstream for [the served model name].")
     upstream_api_key: str | None = Field(None, description="API key for the upstream server.")
@@ -38,6 +42,22 @@ class Settings(BaseModel):
     judge_model: str | None = Field(None, description="Model the CoT judge asks at judge_url.")
     judge_api_key: str | None = Field(None, description="API key for the judge endpoint (never stored in transcripts).")
     reader: str | None = Field(None, description="Upstream mode: the local model that reads the CoT [--model].")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: GPUs the model is split over (tensor parallel).")
+    gpu_memory_utilization: float = Field(
+        0.85, gt=0.0, le=1.0, description="vllm engine: share of GPU memory vLLM may take (weights, KV cache, graphs)."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="vllm engine: longest prompt + generation [the model's].")
+    vllm_capture: Literal["aux", "hooks"] = Field(
+        "aux",
+        description="vllm engine: read the residual stream from in-graph taps (aux: CUDA graphs kept) or eager forward "
+        "hooks (hooks: the reference path, slower).",
+    )
+    vllm_selftest: bool = Field(
+        True,
+        description="vllm engine: at start-up, compare its readouts on a short text with the hf engine's on CPU and "
+        "refuse to start when they disagree.",
+    )
+    reasoning_parser: str = Field("deepseek_r1", description="vllm engine: vLLM reasoning parser naming the think tokens.")
     revision: str | None = Field(None, description="Model revision (commit) to load.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")

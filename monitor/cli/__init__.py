@@ -119,9 +119,20 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
 @click.option("--served-model-name", default=None, help="Name clients use for the model [the model id].")
 @click.option(
     "--engine",
-    type=click.Choice(["hf", "upstream"]),
+    type=click.Choice(["hf", "vllm", "upstream"]),
     default=None,
-    help="hf: generate in process [default]; upstream: proxy an OpenAI-compatible server.",
+    help="hf: generate in process with transformers [default]; vllm: generate in process with vLLM, readouts "
+    "computed in its worker (GPU; pip install 'cotmon[vllm]'); upstream: proxy an OpenAI-compatible server.",
+)
+@click.option("--tensor-parallel-size", type=int, default=None, help="vllm engine: GPUs to split the model over [1].")
+@click.option(
+    "--gpu-memory-utilization", type=float, default=None, help="vllm engine: share of GPU memory vLLM may take [0.85]."
+)
+@click.option(
+    "--vllm-capture",
+    type=click.Choice(["aux", "hooks"]),
+    default=None,
+    help="vllm engine: read the residual stream with in-graph taps [aux] or eager forward hooks (the reference path).",
 )
 @click.option("--upstream-url", default=None, help="Upstream base URL ending in /v1 (upstream engine).")
 @click.option("--upstream-model", default=None, help="Model name to request from the upstream [served name].")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from monitor.detector import DetectorError, load_detector_specs
-from monitor.engine.base import Engine
+from monitor.engine.base import Engine, EngineError
 from monitor.engine.hf import HFEngine
 from monitor.engine.upstream import UpstreamEngine
 from monitor.observability import Metrics, default_metrics, get_logger
@@ -55,26 +56,67 @@ def open_store(settings: Settings, keep: Retention | None = None) -> TranscriptS
     return TranscriptStore.configured(settings.store_url, settings.data_dir, keep=keep, sample_rate=settings.store_sample)
 
 
+def load_reader(settings: Settings, *, device: str | None = None, dtype: str | None = None) -> HFEngine:
+    """The hf engine on the configured model (the reader model in upstream mode)."""
+    return HFEngine.load(
+        settings.reader or settings.model,
+        device=device or settings.device,
+        dtype=dtype or settings.dtype,
+        revision=settings.revision,
+        seed=settings.seed,
+    )
+
+
+def build_engine(settings: Settings) -> tuple[Engine, HFEngine | None]:
+    """The engine the settings name, and the hf engine behind it (None for vllm)."""
+    if settings.engine == "vllm":
+        from monitor.engine.vllm import VLLMEngine
+
+        engine = VLLMEngine.load(
+            settings.model,
+            revision=settings.revision,
+            dtype=settings.dtype,
+            seed=settings.seed,
+            tensor_parallel_size=settings.tensor_parallel_size,
+            gpu_memory_utilization=settings.gpu_memory_utilization,
+            max_model_len=settings.max_model_len,
+            capture=settings.vllm_capture,
+            reasoning_parser=settings.reasoning_parser,
+        )
+        return engine, None
+    reader = load_reader(settings)
+    if settings.engine == "upstream":
+        if not settings.upstream_url:
+            raise ValueError("the upstream engine needs --upstream-url (COTMON_UPSTREAM_URL)")
+        model = settings.upstream_model or settings.served_model_name or settings.model
+        return UpstreamEngine(settings.upstream_url, reader, model=model, api_key=settings.upstream_api_key), reader
+    return reader, reader
+
+
+def resolve_probes(settings: Settings, reader: HFEngine | None) -> Path | None:
+    """The probe directory; `auto` trains (or finds) the default pack with the hf engine. For
+    vllm it is loaded for that and let go before vLLM starts, which takes the GPU."""
+    if settings.probes != AUTO:
+        return settings.probes
+    if reader is not None:
+        return auto_probes(reader, settings.probes_dir)
+    trainer = load_reader(settings)
+    directory = auto_probes(trainer, settings.probes_dir)
+    del trainer
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return directory
+
+
 def build_pipeline(
     settings: Settings, default_policy: Path, *, metrics: Metrics | None = None, store: TranscriptStore | None = None
 ) -> Pipeline:
     """Engine + detectors (`settings.probes`, `settings.detectors`) + policy (the given one, or
     `default_policy` when there are probes)."""
-    reader = HFEngine.load(
-        settings.reader or settings.model,
-        device=settings.device,
-        dtype=settings.dtype,
-        revision=settings.revision,
-        seed=settings.seed,
-    )
-    engine: Engine = reader
-    if settings.engine == "upstream":
-        if not settings.upstream_url:
-            raise ValueError("the upstream engine needs --upstream-url (COTMON_UPSTREAM_URL)")
-        model = settings.upstream_model or settings.served_model_name or settings.model
-        engine = UpstreamEngine(settings.upstream_url, reader, model=model, api_key=settings.upstream_api_key)
-    probes = auto_probes(reader, settings.probes_dir) if settings.probes == AUTO else settings.probes
-    specs = probe_specs(probes)
+    engine, reader = build_engine(settings)
+    specs = probe_specs(resolve_probes(settings, reader))
     if settings.policy is not None:
         policy = load_policy(settings.policy)
     elif specs:
@@ -111,9 +153,11 @@ def build_app(settings: Settings, default_policy: Path) -> FastAPI:
 
 
 def serve(settings: Settings, default_policy: Path) -> None:
-    """Run the API until SIGTERM/SIGINT; in-flight streams get `drain_seconds` to finish."""
+    """Run the API until SIGTERM/SIGINT; in-flight streams get `drain_seconds` to finish. The vllm
+    engine's self-test runs first, on the same event loop as the server (vLLM's output handler
+    stays on the loop that first used it)."""
     app = build_app(settings, default_policy)
-    get_logger("cotmon.server").info("serving", host=settings.host, port=settings.port, model=settings.model)
+    log = get_logger("cotmon.server")
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -122,4 +166,34 @@ def serve(settings: Settings, default_policy: Path) -> None:
         timeout_graceful_shutdown=int(settings.drain_seconds),
         access_log=False,
     )
-    uvicorn.Server(config).run()
+    engine = app.state.cotmon.pipeline.engine
+
+    async def main() -> None:
+        if settings.engine == "vllm" and settings.vllm_selftest:
+            await check_vllm_readouts(settings, engine)
+        log.info("serving", host=settings.host, port=settings.port, model=settings.model)
+        await uvicorn.Server(config).serve()
+
+    try:
+        asyncio.run(main())
+    finally:
+        if hasattr(engine, "close"):
+            engine.close()
+
+
+async def check_vllm_readouts(settings: Settings, engine: Engine) -> None:
+    """The start-up self-test (monitor.engine.selftest) against the hf engine on CPU in float32;
+    EngineError, with the per-readout table, when they disagree."""
+    from monitor.engine.selftest import selftest
+
+    log = get_logger("cotmon.server")
+    installed = getattr(engine, "installed", ())
+    if not installed:
+        log.info("vllm_selftest_skipped", reason="no readouts installed")
+        return
+    reference = await asyncio.to_thread(load_reader, settings, device="cpu", dtype="float32")
+    reference.install(installed)
+    report = await selftest(engine, reference)
+    if not report.ok:
+        raise EngineError(report.message() + "\n(COTMON_VLLM_CAPTURE=hooks is the eager reference path)")
+    log.info("vllm_selftest_passed", tokens=report.tokens, readouts=len(report.columns), table=report.table())
