@@ -37,6 +37,8 @@ import numpy as np
 from monitor.engine.base import EngineError
 from monitor.engine.selftest import selftest
 from monitor.engine.vllm import VLLMEngine, require_vllm
+from monitor.server.serve import build_engine
+from monitor.settings import Settings
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout
 
 PROMPT = (ChatMessage("user", "Plan the database migration step by step and say how you will verify it."),)
@@ -67,14 +69,20 @@ def probe_readouts(directory: Path, engine: VLLMEngine) -> list[AnyReadout]:
 
 
 def engine_for(args: argparse.Namespace) -> VLLMEngine:
-    return VLLMEngine.load(
-        args.model,
+    """The vllm engine exactly as `cotmon serve --engine vllm` builds it from these settings."""
+    settings = Settings.load(
+        {},
+        engine="vllm",
+        model=args.model,
         dtype=args.dtype,
         tensor_parallel_size=args.tp,
         gpu_memory_utilization=args.gpu_memory_utilization,
         max_model_len=args.max_model_len,
-        capture=args.capture,
+        vllm_capture=args.capture,
     )
+    engine = build_engine(settings)[0]
+    assert isinstance(engine, VLLMEngine)
+    return engine
 
 
 async def run_selftest(args: argparse.Namespace) -> int:
