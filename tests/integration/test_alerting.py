@@ -218,7 +218,11 @@ def monitoring(tmp_path: Path, cotmon: ServerThread) -> Iterator[Monitoring]:
             ),
         ]
         try:
-            yield Monitoring(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", webhook, logs)
+            monitoring = Monitoring(f"http://127.0.0.1:{prom_port}", f"http://127.0.0.1:{am_port}", webhook, logs)
+            for name, url in (("Prometheus", monitoring.prometheus), ("Alertmanager", monitoring.alertmanager)):
+                # Until then the API answers 503 in plain text.
+                poll(f"{name} to be ready", lambda url=url: httpx.get(url + "/-/ready").status_code == 200, logs=logs)
+            yield monitoring
         finally:
             for process in processes:
                 process.terminate()
