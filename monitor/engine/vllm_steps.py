@@ -54,9 +54,14 @@ class StepAssembler:
     finished: bool = False
     _values: dict[int, tuple[float, ...]] = field(default_factory=dict)
     _emitted: int = 0
+    _end: int | None = None
+    """Index of the first end-of-sequence token, once one has come."""
 
     def add_tokens(self, token_ids: Iterable[int]) -> None:
-        self.tokens.extend(int(t) for t in token_ids)
+        for token in token_ids:
+            if self._end is None and token in self.eos:
+                self._end = len(self.tokens)
+            self.tokens.append(int(token))
 
     def add_readouts(self, position: int, values: np.ndarray) -> None:
         """Rows of consecutive positions from `position`; a repeated position (vLLM recomputes a
@@ -74,10 +79,7 @@ class StepAssembler:
     def kept(self) -> int:
         """Tokens that become steps: up to max_steps, up to the first end-of-sequence token."""
         count = min(len(self.tokens), self.max_steps)
-        for i in range(count):
-            if self.tokens[i] in self.eos:
-                return i
-        return count
+        return count if self._end is None else min(count, self._end)
 
     @property
     def done(self) -> bool:
@@ -86,15 +88,15 @@ class StepAssembler:
         ended = self.finished or kept < len(self.tokens) or kept >= self.max_steps
         return ended and self._emitted >= kept
 
-    def waiting_for_readouts(self) -> list[int]:
-        """Indices of known tokens held back only because their readouts have not arrived."""
-        return [i for i in range(self._emitted, self.kept) if self._needs_values(i) and i not in self._values]
-
     def overdue(self) -> list[int]:
-        """Tokens whose readouts vLLM has already computed (a later token exists, or a forced
-        text's request finished) but which have not arrived."""
-        late = self.finished if self.forced else False
-        return [i for i in self.waiting_for_readouts() if late or i + 1 < len(self.tokens)]
+        """Tokens held back for readouts vLLM has already computed (a later token exists, or a
+        forced text's request finished) but which have not arrived."""
+        late = self.forced and self.finished
+        return [
+            i
+            for i in range(self._emitted, self.kept)
+            if self._needs_values(i) and i not in self._values and (late or i + 1 < len(self.tokens))
+        ]
 
     def pop_ready(self) -> list[ReadyStep]:
         """The steps that can be emitted now, in order."""
