@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
 from monitor.engine.readout import ActivationCapture, ReadoutHooks, ReadoutPlan, decoder_layers
-from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, opens_reasoning, partial_tag_length
+from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, eos_ids, opens_reasoning, partial_tag_length
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
@@ -145,7 +145,7 @@ class HFEngine:
         prompt_text = self.render_prompt(request.messages)
         decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
         sampler = _Sampler(request, self.device)
-        eos = frozenset() if request.ignore_eos else _eos_ids(self.tokenizer, self.model)
+        eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         cache = DynamicCache()
         logits, _ = await asyncio.to_thread(self._forward, self.encode(prompt_text), cache)
         pending = sampler(logits)
@@ -220,17 +220,6 @@ def _finalised(step: TraceStep, final: bool) -> TraceStep:
     if not final:
         return step
     return TraceStep(step.session_id, step.index, step.token_id, step.text, step.channel, step.readouts, True)
-
-
-def _eos_ids(tokenizer: Any, model: Any) -> frozenset[int]:
-    ids: set[int] = set()
-    for source in (getattr(model, "generation_config", None), tokenizer):
-        value = getattr(source, "eos_token_id", None)
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list):
-            ids.update(v for v in value if isinstance(v, int))
-    return frozenset(ids)
 
 
 class _Sampler:

@@ -16,6 +16,19 @@ def opens_reasoning(prompt_text: str) -> bool:
     return prompt_text.rfind(THINK_OPEN) > prompt_text.rfind(THINK_CLOSE)
 
 
+def eos_ids(tokenizer: Any, *configs: Any) -> frozenset[int]:
+    """Token ids that end generation: `eos_token_id` (an id or a list) of each config (a model's
+    generation config, its config) and of the tokenizer; None configs are skipped."""
+    ids: set[int] = set()
+    for source in (*configs, tokenizer):
+        value = getattr(source, "eos_token_id", None)
+        if isinstance(value, int):
+            ids.add(value)
+        elif isinstance(value, list):
+            ids.update(v for v in value if isinstance(v, int))
+    return frozenset(ids)
+
+
 def partial_tag_length(text: str, tags: Sequence[str] = (THINK_OPEN, THINK_CLOSE)) -> int:
     """Length of the longest tail of `text` that is a proper prefix of one of `tags`.
 

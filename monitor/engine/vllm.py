@@ -28,7 +28,7 @@ from typing import Any, Literal
 
 from monitor.engine.base import EngineError
 from monitor.engine.readout import ReadoutPlan
-from monitor.engine.text import IncrementalDecoder, opens_reasoning
+from monitor.engine.text import IncrementalDecoder, eos_ids, opens_reasoning
 from monitor.engine.vllm_channel import ReadoutInbox
 from monitor.engine.vllm_rows import EXTRA_ARGS_KEY
 from monitor.engine.vllm_steps import ReadyStep, StepAssembler, TokenChannels
@@ -152,7 +152,7 @@ class VLLMEngine:
             tokenizer,
             info,
             think_ids=_think_ids(reasoning_parser, tokenizer),
-            eos=_eos_ids(tokenizer, config),
+            eos=eos_ids(tokenizer, config),
             capture=capture,
         )
 
@@ -371,10 +371,3 @@ def _think_ids(parser_name: str, tokenizer: Any) -> tuple[int | None, int | None
     except Exception:  # a tokenizer without think tokens: the parser refuses it
         return None, None
     return getattr(parser, "start_token_id", None), getattr(parser, "end_token_id", None)
-
-
-def _eos_ids(tokenizer: Any, config: Any) -> frozenset[int]:
-    ids = {tokenizer.eos_token_id} if tokenizer.eos_token_id is not None else set()
-    extra = getattr(config, "eos_token_id", None)
-    ids |= set(extra) if isinstance(extra, list) else ({extra} if extra is not None else set())
-    return frozenset(int(i) for i in ids)
