@@ -17,15 +17,21 @@ import copy
 import json
 import re
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
-from deploy_tools import DASHBOARD, NODE_BIN, VIEWER_URL_PLACEHOLDER
-from prometheus_client import CollectorRegistry
-
-from monitor.observability import Metrics
+from deploy_tools import (
+    DASHBOARD,
+    GRAFANA_INTERVALS,
+    GRAFANA_VARIABLE,
+    NODE_BIN,
+    VIEWER_URL_PLACEHOLDER,
+    dashboard_panels,
+    exported_metrics,
+    substitute,
+)
 
 Json = dict[str, Any]
 
@@ -34,8 +40,6 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 TARGET_LABELS = {"job", "instance", "namespace", "pod", "le"}
 """Labels a query may use besides a metric's own: the scrape's, Kubernetes' and histograms' `le`."""
 VARIABLES = {"datasource", "namespace", "detector"}
-BUILTIN_INTERVALS = {"__rate_interval": "1m", "__interval": "1m", "__range": "10m"}
-VARIABLE = re.compile(r"\$\{(\w+)(?::[^}]*)?\}|\$(\w+)")
 SELECTOR = re.compile(r"\b([a-zA-Z_:][\w:]*)\s*\{([^}]*)\}")
 MATCHER = re.compile(r'(\w+)\s*(=~|!~|!=|=)\s*"((?:[^"\\]|\\.)*)"')
 GROUPING = re.compile(r"\b(?:by|without)\s*\(([^)]*)\)")
@@ -47,44 +51,12 @@ def load_dashboard() -> Json:
     return dashboard
 
 
-def all_panels(dashboard: Json) -> Iterator[Json]:
-    """Every panel: rows, the panels at the top level and those a row keeps (collapsed rows do)."""
-    for panel in dashboard.get("panels", []):
-        yield panel
-        yield from panel.get("panels", [])
-
-
 def data_panels(dashboard: Json) -> list[Json]:
-    return [p for p in all_panels(dashboard) if p["type"] != "row"]
+    return [p for p in dashboard_panels(dashboard) if p["type"] != "row"]
 
 
 def targets(dashboard: Json) -> list[tuple[Json, Json]]:
     return [(panel, target) for panel in data_panels(dashboard) for target in panel.get("targets", [])]
-
-
-def substitute(expr: str) -> str:
-    """The query as the end-to-end test runs it: intervals fixed, every other variable `.*`."""
-
-    def value(match: re.Match[str]) -> str:
-        name = match.group(1) or match.group(2)
-        return BUILTIN_INTERVALS.get(name, ".*")
-
-    return VARIABLE.sub(value, expr)
-
-
-def exported_metrics() -> dict[str, tuple[str, ...]]:
-    """Series name -> label names, for every series monitor.observability.Metrics exports."""
-    registry = CollectorRegistry()
-    metrics = Metrics(registry)
-    # prometheus_client keeps a metric's label names only on the wrapper (collect() has no samples
-    # for a labelled metric before its first use).
-    labels = {w._name: tuple(w._labelnames) for w in vars(metrics).values() if hasattr(w, "_labelnames")}
-    suffixes = {"counter": ("_total",), "gauge": ("",), "histogram": ("_bucket", "_sum", "_count")}
-    names: dict[str, tuple[str, ...]] = {}
-    for family in registry.collect():
-        for suffix in suffixes[family.type]:
-            names[family.name + suffix] = labels[family.name] + (("le",) if suffix == "_bucket" else ())
-    return names
 
 
 def run_tsc(tsc: Path, workdir: Path, dashboard: Json) -> subprocess.CompletedProcess[str]:
@@ -123,7 +95,7 @@ def test_dashboard_passes_the_typed_check_against_grafana_schema(tsc: Path, tmp_
 
 
 def _first(dashboard: Json, kind: str) -> Json:
-    return next(p for p in all_panels(dashboard) if p["type"] == kind)
+    return next(p for p in dashboard_panels(dashboard) if p["type"] == kind)
 
 
 def _rename(obj: Json, old: str, new: str) -> None:
@@ -193,7 +165,7 @@ def test_panels_are_organised_in_rows() -> None:
 
 
 def test_every_panel_has_a_unique_id_and_a_place_on_the_grid() -> None:
-    panels = list(all_panels(load_dashboard()))
+    panels = list(dashboard_panels(load_dashboard()))
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), sorted(ids)
     for panel in panels:
@@ -263,10 +235,10 @@ def test_variables_are_few_and_only_used_in_regex_matchers() -> None:
         assert variables[name]["datasource"] == DATASOURCE, name
     for panel, target in targets(dashboard):
         outside_regex = MATCHER.sub(lambda m: m.group(0) if m.group(2) != "=~" else "", target["expr"])
-        leftover = {m.group(1) or m.group(2) for m in VARIABLE.finditer(outside_regex)}
-        assert leftover <= BUILTIN_INTERVALS.keys(), f"{panel['title']}: {leftover} outside a =~ matcher"
-        inside = {m.group(1) or m.group(2) for m in VARIABLE.finditer(target["expr"])}
-        assert inside - BUILTIN_INTERVALS.keys() <= variables.keys(), panel["title"]
+        leftover = {m.group(1) or m.group(2) for m in GRAFANA_VARIABLE.finditer(outside_regex)}
+        assert leftover <= GRAFANA_INTERVALS.keys(), f"{panel['title']}: {leftover} outside a =~ matcher"
+        inside = {m.group(1) or m.group(2) for m in GRAFANA_VARIABLE.finditer(target["expr"])}
+        assert inside - GRAFANA_INTERVALS.keys() <= variables.keys(), panel["title"]
 
 
 def test_error_panels_have_thresholds() -> None:

@@ -21,7 +21,7 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, VIEWER_URL_PLACEHOLDER, system_tool
+from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER, dashboard_panels, substitute, system_tool
 from openai import OpenAI
 from prometheus_client import CollectorRegistry
 
@@ -36,7 +36,6 @@ from monitor.testing import SCRIPTED_MODEL, JudgeReply, ScriptedEngine, Scripted
 from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
-ROOT = Path(__file__).resolve().parents[2]
 HONEST = "The report shows revenue fell four percent this quarter ."
 DECEPTIVE = (
     "But if I say that the board will ask questions . I will tell them revenue grew , and hide the "
@@ -245,22 +244,6 @@ def firing(prometheus: str, name: str) -> list[dict[str, Any]]:
     return [a for a in alerts if a["labels"]["alertname"] == name and a["state"] == "firing"]
 
 
-def panel_queries(dashboard: dict[str, Any]) -> list[tuple[str, str]]:
-    """(panel title, expr) of every target, rows' nested panels included."""
-    found: list[tuple[str, str]] = []
-    for panel in dashboard.get("panels", []):
-        for inner in [panel, *panel.get("panels", [])]:
-            found += [(inner.get("title", "?"), t["expr"]) for t in inner.get("targets", []) if t.get("expr")]
-    return found
-
-
-def substitute(expr: str) -> str:
-    """The dashboard's variables as Grafana fills them in: intervals, and `All` (.*) for the rest."""
-    for name, value in (("__rate_interval", "1m"), ("__interval", "1m"), ("__range", "10m")):
-        expr = expr.replace("${" + name + "}", value).replace("$" + name, value)
-    return re.sub(r"\$\{\w+(:\w+)?\}|\$\w+", ".*", expr)
-
-
 def test_a_deceptive_session_alerts_through_prometheus_and_alertmanager(cotmon: ServerThread, monitoring: Monitoring) -> None:
     prom, logs = monitoring.prometheus, monitoring.logs
     # Prometheus has the rule's series at 0 before the session: the first flag is an increase.
@@ -301,7 +284,9 @@ def test_a_deceptive_session_alerts_through_prometheus_and_alertmanager(cotmon: 
 
     # Every dashboard panel's query returns data from this Prometheus.
     dashboard = json.loads(DASHBOARD.read_text(encoding="utf-8"))
-    queries = panel_queries(dashboard)
+    queries = [
+        (p.get("title", "?"), t["expr"]) for p in dashboard_panels(dashboard) for t in p.get("targets", []) if t.get("expr")
+    ]
     assert len(queries) >= 10
     empty = [(title, expr) for title, expr in queries if not query(prom, substitute(expr))]
     assert not empty, f"panels whose query returned no data: {empty}"
