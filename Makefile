@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
-.PHONY: demo test lint install clean bench system-deps node-deps
+.PHONY: demo test lint install clean bench components
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,31 +27,14 @@ lint: $(VENV)/.installed
 	$(BIN)/mypy monitor
 	$(BIN)/lint-imports
 
-# Real components the tests drive: Debian's Chromium (the viewer's browser test), PostgreSQL (the
-# store's tests run against a throwaway cluster too), Prometheus and Alertmanager (alert rules,
-# the alerting end-to-end test) and node/npm (for the tools below). Installed where this machine
-# allows (root with apt); elsewhere those tests skip and say why.
-SYSTEM_PACKAGES := chromium postgresql prometheus prometheus-alertmanager nodejs npm
-system-deps:
-	@if [ -x /usr/bin/chromium ] && ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 \
-		&& command -v promtool >/dev/null && command -v prometheus-alertmanager >/dev/null && command -v npm >/dev/null; then :; \
-	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
-		echo "installing $(SYSTEM_PACKAGES) with apt-get"; \
-		DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null \
-		|| { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $(SYSTEM_PACKAGES) >/dev/null; } \
-		|| echo "could not install $(SYSTEM_PACKAGES): their tests will be skipped"; \
-	else echo "not root or no apt-get: tests needing $(SYSTEM_PACKAGES) skip unless these are installed"; fi
+# Real components the tests drive: Chromium, PostgreSQL, Prometheus, Alertmanager, node/npm (Debian
+# packages, each installed on its own and only where missing) and helm, tsc (tests/node, `npm ci`).
+# It reports what it could not install; the tests that need a missing component then fail and name
+# it, unless COTMON_TEST_WITHOUT lists it (see README, "Tests").
+components:
+	@$(PYTHON) tests/components.py install
 
-# Node tools pinned in tests/node/package-lock.json: a real helm binary (chart lint and template),
-# @grafana/schema and tsc (the dashboard's typed check). --ignore-scripts: nothing runs at install.
-NODE_TOOLS := tests/node/node_modules/.installed
-$(NODE_TOOLS): tests/node/package-lock.json
-	@if command -v npm >/dev/null; then \
-		npm ci --prefix tests/node --ignore-scripts --no-audit --no-fund --loglevel=error && touch $@; \
-	else echo "no npm: the chart and dashboard tests will be skipped"; fi
-node-deps: system-deps $(NODE_TOOLS)
-
-test: lint node-deps
+test: lint components
 	$(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed

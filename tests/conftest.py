@@ -30,9 +30,9 @@ from monitor.testing import ServerThread
 from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
-# The transcript store's fixtures (store_url on SQLite and a throwaway PostgreSQL, stored sessions),
-# and the chart's tools (helm, tsc, promtool).
-pytest_plugins = ["store_fixtures", "deploy_tools"]
+# The real components (a missing one fails its tests), the transcript store's fixtures (store_url on
+# SQLite and a throwaway PostgreSQL, stored sessions), and the chart's tools (helm, tsc, promtool).
+pytest_plugins = ["component_fixtures", "store_fixtures", "deploy_tools"]
 
 ProbeFactory = Callable[..., Path]
 

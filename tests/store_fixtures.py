@@ -12,7 +12,6 @@ evidence, several flags, evaluations, request parameters and thresholds.
 from __future__ import annotations
 
 import asyncio
-import glob
 import itertools
 import math
 import os
@@ -26,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from component_fixtures import require
 from prometheus_client import CollectorRegistry
 
 from conftest import free_port
@@ -35,8 +35,6 @@ from monitor.pipeline import Pipeline, Sink
 from monitor.policy import parse_policy
 from monitor.testing import ScriptedEngine
 from monitor.types import ChatMessage, Detection, DetectorSpec, Evidence, Flag, GenerationRequest, Readout, TraceStep, Transcript
-
-NO_SERVER = "PostgreSQL server binaries not found (apt-get install postgresql); `make test` installs them where it can"
 
 
 @dataclass(frozen=True)
@@ -60,27 +58,10 @@ class PostgresCluster:
         return self.url(name)
 
 
-def _server_bin() -> Path | None:
-    """The newest installed PostgreSQL's bin directory (Debian's layout first, then PATH)."""
-
-    def version(initdb: str) -> int:
-        name = Path(initdb).parts[-3]
-        return int(name) if name.isdigit() else 0
-
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=version, reverse=True)
-    initdb = found[0] if found else shutil.which("initdb")
-    if initdb is None or not (Path(initdb).parent / "pg_ctl").exists():
-        return None
-    return Path(initdb).parent
-
-
 @pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresCluster | None]:
-    """A throwaway PostgreSQL cluster for the session, or None where the server is not installed."""
-    bin_dir = _server_bin()
-    if bin_dir is None:
-        yield None
-        return
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session (a missing server fails the tests that need it)."""
+    bin_dir = Path(require("postgresql", "initdb")).parent
     # initdb refuses root: as root, the cluster belongs to the `postgres` user.
     as_user: list[str] = []
     owner: pwd.struct_passwd | None = None
@@ -125,9 +106,7 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     """A URL of an empty database: a SQLite file, or a fresh database in the PostgreSQL cluster."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'store.db'}"
-    cluster: PostgresCluster | None = request.getfixturevalue("postgres_cluster")
-    if cluster is None:
-        pytest.skip(NO_SERVER)
+    cluster: PostgresCluster = request.getfixturevalue("postgres_cluster")
     return cluster.create_database()
 
 

@@ -14,7 +14,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from deploy_tools import ALERT_TESTS, ALERTS, EXAMPLES, VIEWER_URL_PLACEHOLDER, exported_metrics, system_tool
+from component_fixtures import require
+from deploy_tools import ALERT_TESTS, ALERTS, EXAMPLES, VIEWER_URL_PLACEHOLDER, exported_metrics
 
 SEVERITIES = {"info", "warning", "critical"}
 
@@ -100,7 +101,7 @@ def test_the_viewer_serves_a_runbook_section_per_alert(serve: Any) -> None:
 
 @pytest.mark.parametrize("severity", sorted(SEVERITIES))
 def test_the_example_alertmanager_routes_by_severity(severity: str) -> None:
-    amtool = system_tool("amtool")
+    amtool = require("alertmanager", "amtool")
     config = EXAMPLES / "alertmanager.yaml"
     assert run(amtool, "check-config", config).returncode == 0
     routed = run(amtool, "config", "routes", "test", "--config.file", config, f"severity={severity}", "alertname=CotmonDown")

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from components import NODE_BIN
 from deploy_tools import (
     DASHBOARD,
     GRAFANA_INTERVALS,
     GRAFANA_VARIABLE,
-    NODE_BIN,
     VIEWER_URL_PLACEHOLDER,
     dashboard_panels,
     exported_metrics,

@@ -21,7 +21,8 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER, dashboard_panels, substitute, system_tool
+from component_fixtures import require
+from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER, dashboard_panels, substitute
 from openai import OpenAI
 from prometheus_client import CollectorRegistry
 
@@ -170,7 +171,7 @@ def cotmon(tmp_path: Path) -> Iterator[ServerThread]:
 def monitoring(tmp_path: Path, cotmon: ServerThread) -> Iterator[Monitoring]:
     """Prometheus (1 s scrapes and rule evaluations, the chart's alert rules) and Alertmanager (the
     example configuration, its webhooks pointed here, waits cut to a second) on loopback."""
-    prometheus_bin, alertmanager_bin = system_tool("prometheus"), system_tool("prometheus-alertmanager")
+    prometheus_bin, alertmanager_bin = require("prometheus"), require("alertmanager")
     prom_port, am_port = free_port(), free_port()
     rules = tmp_path / "alerts.yaml"
     rules.write_text(ALERTS.read_text(encoding="utf-8").replace(VIEWER_URL_PLACEHOLDER, cotmon.base_url), encoding="utf-8")

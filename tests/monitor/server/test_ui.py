@@ -1,5 +1,5 @@
 """The transcript viewer at /ui/: a real server with the tiny model and a SQLite store, read over
-HTTP and in a real Chromium (Playwright, no downloads: Debian's /usr/bin/chromium)."""
+HTTP and in a real Chromium (Playwright, no downloads: Debian's chromium, found on PATH)."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+from component_fixtures import require
 
 from conftest import NEVER, Serve
 from monitor.pipeline import Pipeline
@@ -22,7 +23,6 @@ from monitor.settings import Settings
 from monitor.testing import ServerThread
 from monitor.types import Detection, Evidence
 
-CHROMIUM = Path("/usr/bin/chromium")
 CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 # count_over 0.0 counts every token: fires at the 60th token, so only long reasoning is flagged.
 LONG_COT = {
@@ -192,12 +192,12 @@ def test_without_a_store_the_viewer_says_so(engine: Any, tmp_path: Path) -> None
 
 @pytest.fixture(scope="module")
 def chromium() -> Iterator[Any]:
-    if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} not found (apt-get install chromium); the browser tests need it")
-    sync_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+    from playwright import sync_api  # a dev dependency
+
+    chromium = require("chromium")
     with sync_api.sync_playwright() as playwright:
         browser = playwright.chromium.launch(
-            executable_path=str(CHROMIUM),
+            executable_path=chromium,
             args=["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update"],
         )
         yield browser
