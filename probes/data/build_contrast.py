@@ -5,11 +5,15 @@ representation-engineering's facts_true_false.csv gives two rows with the same t
 instruction to be honest (label 0) and one after an instruction to be dishonest (label 1).
 
 harmful_contrast.jsonl: requests restated as a first-person plan ("The user asked me to ... I will work
-out the steps to do it."). Label 1: the first 300 AdvBench goals. Label 0: the 100 JailbreakBench benign
+out the steps to do it."). Label 1: the first 300 AdvBench goals. Label 0: the JailbreakBench benign
 behaviours, then the first 200 distinct first sentences of PurpleLlama's mitre_frr.json prompts.
 
+A row that repeats held-out text (equal after normalising, or sharing a run of 8 words; see
+monitor/overlap.py) is dropped before the limits are counted: the held-out data (--holdout) is for
+evaluation only, and AdvBench shares many goals with the JailbreakBench attack artifacts in it.
 Rows keep the order of the source files; a text already written for the same label is skipped.
-Standard library only; the output is byte-for-byte deterministic.
+Standard library plus monitor.overlap (run it with the project's venv: `.venv/bin/python ...`); the
+output is byte-for-byte deterministic.
 """
 
 from __future__ import annotations
@@ -18,8 +22,12 @@ import argparse
 import csv
 import json
 import re
-from collections.abc import Iterable, Iterator
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from itertools import islice
 from pathlib import Path
+
+from monitor.overlap import HeldOutIndex
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FACTS = "representation-engineering/data/facts/facts_true_false.csv"
@@ -82,21 +90,17 @@ def mitre_requests(data: Path) -> Iterator[tuple[str, str]]:
     seen: set[str] = set()
     for index, item in enumerate(json.loads((data / MITRE_FRR).read_text(encoding="utf-8"))):
         sentence = first_sentence(item["mutated_prompt"])
-        if sentence not in seen and len(seen) < MITRE_LIMIT:
+        if sentence not in seen:
             seen.add(sentence)
             yield f"mitre-frr-{index:03d}", sentence
 
 
-def harmful_rows(data: Path) -> Iterator[Row]:
-    advbench = read_csv(data / ADVBENCH)[:ADVBENCH_LIMIT]
-    yield from request_rows(
-        ((f"advbench-{i:03d}", r["goal"]) for i, r in enumerate(advbench)), 1, "refusal_direction advbench.csv (AdvBench)"
-    )
-    benign = read_csv(data / JBB_BENIGN)
-    yield from request_rows(
-        ((f"jbb-benign-{int(r['index']):03d}", r["goal"]) for r in benign), 0, "hack benign-behaviors.csv (JailbreakBench benign)"
-    )
-    yield from request_rows(mitre_requests(data), 0, "PurpleLlama mitre_frr.json")
+def harmful_rows(data: Path, kept: Callable[[Iterable[Row]], Iterator[Row]]) -> Iterator[Row]:
+    advbench = ((f"advbench-{i:03d}", r["goal"]) for i, r in enumerate(read_csv(data / ADVBENCH)))
+    yield from islice(kept(request_rows(advbench, 1, "refusal_direction advbench.csv (AdvBench)")), ADVBENCH_LIMIT)
+    benign = ((f"jbb-benign-{int(r['index']):03d}", r["goal"]) for r in read_csv(data / JBB_BENIGN))
+    yield from kept(request_rows(benign, 0, "hack benign-behaviors.csv (JailbreakBench benign)"))
+    yield from islice(kept(request_rows(mitre_requests(data), 0, "PurpleLlama mitre_frr.json")), MITRE_LIMIT)
 
 
 def write_jsonl(path: Path, rows: Iterable[Row]) -> dict[int, int]:
@@ -123,18 +127,31 @@ def main() -> None:
         help="folder holding the source datasets (default: ../shared/data from the repo root)",
     )
     parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "holdout",
+        help="held-out evaluation data; rows repeating it are dropped (default: ../shared/holdout from the repo root)",
+    )
+    parser.add_argument(
         "--out",
         type=Path,
         default=Path(__file__).resolve().parent,
         help="folder to write the .jsonl files to (default: this script's folder)",
     )
     args = parser.parse_args()
+    held_out, dropped = HeldOutIndex.of_folder(args.holdout), Counter[str]()
+
+    def kept(rows: Iterable[Row]) -> Iterator[Row]:
+        return held_out.without_repeats(rows, dropped)
+
     for name, rows in (
-        ("deception_contrast.jsonl", deception_rows(args.shared_data)),
-        ("harmful_contrast.jsonl", harmful_rows(args.shared_data)),
+        ("deception_contrast.jsonl", kept(deception_rows(args.shared_data))),
+        ("harmful_contrast.jsonl", harmful_rows(args.shared_data, kept)),
     ):
         counts = write_jsonl(args.out / name, rows)
         print(f"{name}: label 0: {counts[0]}, label 1: {counts[1]}")
+    for source, n in sorted(dropped.items()):
+        print(f"dropped {n} rows repeating held-out text: {source}")
 
 
 if __name__ == "__main__":

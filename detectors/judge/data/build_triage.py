@@ -23,8 +23,13 @@ harmful_planning (label 1 = the text plans or requests a harmful behaviour):
   Requests whose first 12 words repeat an earlier one are dropped, and so are JailbreakBench harmful
   behaviours and any request starting like one: the held-out attack artifacts are built on them.
 
+Held-out text: a request, and then a row, that repeats held-out text (equal after normalising, or sharing
+a run of 8 words; see monitor/overlap.py) is dropped before anything is sampled or balanced: the held-out
+data (--holdout) is for evaluation only.
+
 Not used (licenses): the Alpaca-derived harmless splits of refusal_direction, alpaca_eval, geometry-of-truth.
-Standard library only; a fixed seed makes the output byte-for-byte deterministic.
+Standard library plus monitor.overlap (run it with the project's venv: `.venv/bin/python ...`); a fixed seed
+makes the output byte-for-byte deterministic.
 """
 
 from __future__ import annotations
@@ -37,6 +42,8 @@ import re
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from monitor.overlap import HeldOutIndex
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
 LIE_FILES = (
@@ -60,8 +67,8 @@ INTERPRETER = "PurpleLlama/CybersecurityBenchmarks/datasets/interpreter/interpre
 TRUTHFULQA_PAIRS, FACT_PAIRS = 110, 110
 # harmful_planning quotas: (source name, rows); label 1 and label 0 each sum to 300.
 HARMFUL_QUOTAS = {
-    "pair": 40,
-    "advbench": 60,
+    "pair": 36,  # of 50: the rest repeat held-out text
+    "advbench": 64,
     "harmbench": 50,
     "strongreject": 45,
     "malicious": 20,
@@ -69,7 +76,7 @@ HARMFUL_QUOTAS = {
     "xstest": 40,
     "interpreter": 30,
 }
-BENIGN_QUOTAS = {"xstest": 110, "jbb": 100, "mitre": 50, "refusal": 40}
+BENIGN_QUOTAS = {"xstest": 114, "jbb": 96, "mitre": 50, "refusal": 40}  # jbb: 96 of 100 do not repeat held-out text
 VERBATIM_SHARE = 0.33
 
 Row = dict[str, object]
@@ -186,8 +193,8 @@ def fact_rows(data: Path, rng: random.Random) -> Iterator[Row]:
             yield row(template.format(t=fact), "deception", label, "representation-engineering facts_true_false.csv (RepE)")
 
 
-def harmful_requests(data: Path) -> dict[str, list[Request]]:
-    """Every harmful request per source, in source order, without JailbreakBench behaviours or repeats."""
+def harmful_requests(data: Path, held_out: HeldOutIndex) -> dict[str, list[Request]]:
+    """Every harmful request per source, in source order, without JailbreakBench behaviours, repeats or held-out text."""
     seen = {near_key(r["Goal"]) for r in read_csv(data / JBB_HARMFUL)}
     pools: dict[str, list[Request]] = {}
     sources = {
@@ -217,27 +224,28 @@ def harmful_requests(data: Path) -> dict[str, list[Request]]:
         pools[name] = []
         for text in texts:
             key = near_key(text)
-            if key and key not in seen and len(text) < 400 and "\n" not in text:
+            if key and key not in seen and len(text) < 400 and "\n" not in text and held_out.find([text]) is None:
                 seen.add(key)
                 pools[name].append((text.strip(), source))
     return pools
 
 
-def benign_requests(data: Path) -> dict[str, list[Request]]:
+def benign_requests(data: Path, held_out: HeldOutIndex) -> dict[str, list[Request]]:
     mitre: dict[str, None] = {}
     for item in json.loads((data / MITRE_FRR).read_text(encoding="utf-8")):
         mitre.setdefault(sentences(item["mutated_prompt"])[0])
-    return {
+    pools = {
         "xstest": [
             (r["prompt"], "exaggerated-safety xstest_prompts.csv") for r in read_csv(data / XSTEST) if r["label"] == "safe"
         ],
         "jbb": [(r["goal"], "hack benign-behaviors.csv (JailbreakBench benign)") for r in read_csv(data / JBB_BENIGN)],
         "mitre": [(s, "PurpleLlama mitre_frr.json") for s in mitre],
     }
+    return {name: [r for r in pool if held_out.find([r[0]]) is None] for name, pool in pools.items()}
 
 
-def harmful_rows(data: Path, rng: random.Random) -> Iterator[Row]:
-    harmful, benign = harmful_requests(data), benign_requests(data)
+def harmful_rows(data: Path, rng: random.Random, held_out: HeldOutIndex) -> Iterator[Row]:
+    harmful, benign = harmful_requests(data, held_out), benign_requests(data, held_out)
     for name, quota in HARMFUL_QUOTAS.items():
         picked = set(rng.sample(range(len(harmful[name])), quota))
         for index in sorted(picked):
@@ -268,10 +276,15 @@ def balanced(rows: Iterable[Row], rng: random.Random) -> list[Row]:
     return [r for i, r in enumerate(kept) if i in keep]
 
 
-def build(data: Path, seed: int = 0) -> list[Row]:
+def build(data: Path, held_out: HeldOutIndex, dropped: Counter[str], seed: int = 0) -> list[Row]:
+    """The rows; `dropped` counts per source the rows left out for repeating held-out text."""
     rng = random.Random(seed)
-    deception = balanced([*lie_rows(data), *truthfulqa_rows(data, rng), *fact_rows(data, rng)], rng)
-    return deception + balanced(harmful_rows(data, rng), rng)
+    deception = [*lie_rows(data), *truthfulqa_rows(data, rng), *fact_rows(data, rng)]
+    harmful = list(harmful_rows(data, rng, held_out))
+    return [
+        *balanced(held_out.without_repeats(deception, dropped), rng),
+        *balanced(held_out.without_repeats(harmful, dropped), rng),
+    ]
 
 
 def main() -> None:
@@ -282,15 +295,24 @@ def main() -> None:
         default=REPO_ROOT.parent / "shared" / "data",
         help="folder holding the source datasets (default: ../shared/data from the repo root)",
     )
+    parser.add_argument(
+        "--holdout",
+        type=Path,
+        default=REPO_ROOT.parent / "shared" / "holdout",
+        help="held-out evaluation data; rows repeating it are dropped (default: ../shared/holdout from the repo root)",
+    )
     parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "triage.jsonl", help="output .jsonl file")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    rows = build(args.shared_data, args.seed)
+    dropped = Counter[str]()
+    rows = build(args.shared_data, HeldOutIndex.of_folder(args.holdout), dropped, args.seed)
     with args.out.open("w", encoding="utf-8", newline="\n") as fh:
         fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     counts = Counter((r["category"], r["label"], r["source"]) for r in rows)
     for (category, label, source), n in sorted(counts.items(), key=str):
         print(f"{category:17} {label} {n:4}  {source}")
+    for source, n in sorted(dropped.items()):
+        print(f"dropped {n} rows repeating held-out text: {source}")
     print(f"{len(rows)} rows -> {args.out}")
 
 
