@@ -19,7 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
-from monitor.server.protocol import APIError, error_body
+from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
 from monitor.store import TranscriptStore
 
@@ -163,8 +163,8 @@ def create_app(
     @app.exception_handler(RequestValidationError)
     async def invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {"loc": (), "msg": "invalid request"}
-        loc = [str(part) for part in first.get("loc", ()) if part != "body"]
-        param = ".".join(loc) or None
+        loc = list(first.get("loc", ()))
+        param = openai_param(loc[1:] if loc[:1] == ["body"] else loc)
         message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
         return JSONResponse(error_body(message, param=param), status_code=400)
 

@@ -8,9 +8,10 @@ clients send many); responses are built as plain dicts in the OpenAI shapes, plu
 from __future__ import annotations
 
 import time
-from typing import Any, Literal
+from collections.abc import Sequence
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from monitor.types import ChatMessage, Flag, Transcript
 
@@ -42,22 +43,92 @@ def error_body(
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-class TextPart(BaseModel):
+PART_TYPES = ("text", "image_url", "input_audio", "file", "refusal")
+"""Content part types of OpenAI's chat API; cotmon reads `text` (and an assistant's `refusal`)."""
+
+
+class ContentPart(BaseModel):
+    """One part of a message's content; its type is checked in `chat_messages`."""
+
     model_config = ConfigDict(extra="allow")
-    type: Literal["text"]
-    text: str
+    type: str
+    text: str | None = None
+    refusal: str | None = None
+
+
+def _string_or_parts(value: Any) -> Any:
+    if value is not None and not isinstance(value, str | list):
+        raise ValueError("must be a string or a list of content parts")
+    return value
 
 
 class MessageIn(BaseModel):
-    """A chat message as clients send it; content may be a string or text parts."""
+    """A chat message as clients send it; content may be a string or content parts."""
 
     model_config = ConfigDict(extra="allow")
     role: Literal["system", "developer", "user", "assistant", "tool"]
-    content: str | list[TextPart] | None = None
+    content: Annotated[str | list[ContentPart] | None, BeforeValidator(_string_or_parts)] = None
+    tool_calls: list[Any] | None = None
+    function_call: Any = None
 
-    def to_chat(self) -> ChatMessage:
-        text = "".join(part.text for part in self.content) if isinstance(self.content, list) else self.content or ""
-        return ChatMessage("system" if self.role == "developer" else self.role, text)
+
+def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
+    """Check `messages` the way OpenAI's API does and turn them into ChatMessages.
+
+    Raises APIError (400, naming the field as OpenAI does, e.g. `messages[0].content`): content
+    missing where the role requires it, an assistant message with neither content nor tool calls,
+    a content part of unknown type, one cotmon cannot read (an image on a text model), a text part
+    without its text.
+    """
+    chats = []
+    for i, message in enumerate(messages):
+        field = f"messages[{i}].content"
+        if message.content is None:
+            if message.role != "assistant":
+                raise APIError(400, f"{field}: a {message.role} message requires 'content'", param=field)
+            if not message.tool_calls and message.function_call is None:
+                raise APIError(400, f"{field}: an assistant message requires 'content' or 'tool_calls'", param=field)
+        chats.append(ChatMessage("system" if message.role == "developer" else message.role, _text(message, field)))
+    return chats
+
+
+def _text(message: MessageIn, field: str) -> str:
+    if not isinstance(message.content, list):
+        return message.content or ""
+    texts = []
+    for j, part in enumerate(message.content):
+        where = f"{field}[{j}]"
+        readable = "refusal" if message.role == "assistant" and part.type == "refusal" else "text"
+        if part.type not in PART_TYPES:
+            raise APIError(
+                400,
+                f"{where}.type: unknown content part type {part.type!r}; expected one of {', '.join(PART_TYPES)}",
+                param=f"{where}.type",
+            )
+        if part.type != readable:
+            raise APIError(
+                400, f"{where}.type: {part.type!r} parts are not supported: this model reads text only", param=f"{where}.type"
+            )
+        text = getattr(part, readable)
+        if text is None:
+            raise APIError(400, f"{where}.{readable}: a {readable} part requires {readable!r}", param=f"{where}.{readable}")
+        texts.append(text)
+    return "".join(texts)
+
+
+_UNION_TAGS = frozenset({"str", "int", "float", "bool", "none", "dict"})
+"""Names pydantic puts in a location for the member of a union that failed; not fields."""
+
+
+def openai_param(loc: Sequence[int | str]) -> str | None:
+    """A validation error's location as OpenAI names a field: ('messages', 0, 'role') -> messages[0].role."""
+    param = ""
+    for part in loc:
+        if isinstance(part, int):
+            param += f"[{part}]"
+        elif part.isidentifier() and part not in _UNION_TAGS:  # 'list[ContentPart]', 'function-after[...]': union tags
+            param += f".{part}" if param else part
+    return param or None
 
 
 class StreamOptions(BaseModel):

@@ -24,6 +24,7 @@ from monitor.server.protocol import (
     APIError,
     ChatCompletionRequest,
     MonitorTranscriptRequest,
+    chat_messages,
     chunk,
     completion,
     cotmon_object,
@@ -107,7 +108,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
     if max_tokens > limit:
         raise APIError(400, f"max_tokens {max_tokens} exceeds this server's limit of {limit}", param="max_tokens")
-    messages = [m.to_chat() for m in body.messages]
+    messages = chat_messages(body.messages)
     gen = GenerationRequest(
         messages=messages,
         max_tokens=max_tokens,
@@ -191,7 +192,7 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
     """Watch mode: teacher-force a transcript produced elsewhere and return detections and flags."""
     s = state(request)
     _check_model(s, body.model)
-    messages = [m.to_chat() for m in body.messages]
+    messages = chat_messages(body.messages)
     if body.completion is not None:
         text = body.completion
     elif body.reasoning is not None:

@@ -145,7 +145,7 @@ def test_unknown_model_is_a_404_with_an_openai_error_body(serve: Serve) -> None:
     ("payload", "param"),
     [
         ({"model": "tiny", "messages": []}, "messages"),
-        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),
+        ({"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages[0].role"),
         ({"model": "tiny", "messages": MESSAGES, "max_tokens": 0}, "max_tokens"),
         ({"model": "tiny", "messages": MESSAGES, "max_tokens": 10**6}, "max_tokens"),
         ({"model": "tiny", "messages": MESSAGES, "temperature": 9}, "temperature"),
@@ -157,6 +157,51 @@ def test_bad_requests_get_a_400_naming_the_parameter(serve: Serve, payload: dict
     assert reply.status_code == 400
     error = reply.json()["error"]
     assert error["param"] == param and error["type"] == "invalid_request_error" and error["message"]
+
+
+# Messages OpenAI's API refuses, and the field it names.
+MALFORMED_MESSAGES: list[tuple[list[Any], str]] = [
+    ([{"role": "user"}], "messages[0].content"),
+    ([{"role": "system", "content": "Be brief."}, {"role": "user", "content": None}], "messages[1].content"),
+    ([{"role": "user", "content": "Hi"}, {"role": "assistant"}, {"role": "user", "content": "Well?"}], "messages[1].content"),
+    (
+        [{"role": "user", "content": [{"type": "text", "text": "Hi"}, {"type": "video", "url": "x"}]}],
+        "messages[0].content[1].type",
+    ),
+    ([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:,"}}]}], "messages[0].content[0].type"),
+    ([{"role": "user", "content": [{"type": "text"}]}], "messages[0].content[0].text"),
+    ([{"role": "user", "content": 42}], "messages[0].content"),
+    ([{"content": "Hi"}], "messages[0].role"),
+    ([], "messages"),
+]
+
+
+@pytest.mark.parametrize(("messages", "param"), MALFORMED_MESSAGES)
+def test_malformed_messages_are_a_400_naming_the_field_for_the_openai_client(
+    serve: Serve, messages: list[Any], param: str
+) -> None:
+    with pytest.raises(openai.BadRequestError) as err:
+        _client(serve()).chat.completions.create(model="tiny", messages=messages, max_tokens=3)
+    assert err.value.body["param"] == param and err.value.body["type"] == "invalid_request_error"  # type: ignore[index]
+    assert err.value.body["message"].startswith(param)  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("messages", "param"), MALFORMED_MESSAGES)
+def test_malformed_messages_are_a_400_naming_the_field_in_watch_mode(serve: Serve, messages: list[Any], param: str) -> None:
+    body = {"model": "tiny", "messages": messages, "reasoning": "Let me check.", "answer": "Done."}
+    reply = httpx.post(serve().base_url + "/v1/monitor/transcripts", json=body)
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+
+
+def test_an_assistant_message_with_tool_calls_and_no_content_is_accepted(serve: Serve) -> None:
+    call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
+    messages = [
+        {"role": "user", "content": "Look it up."},
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "42"},
+    ]
+    reply = _client(serve()).chat.completions.create(model="tiny", messages=messages, max_tokens=3)  # type: ignore[arg-type]
+    assert reply.choices[0].finish_reason in {"stop", "length"}
 
 
 def test_malformed_json_is_a_400(serve: Serve) -> None:
