@@ -14,7 +14,7 @@ from importlib.metadata import entry_points
 from pathlib import Path
 from typing import Any, Protocol, runtime_checkable
 
-from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep
+from monitor.types import STAT_SEPARATOR, AnyReadout, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep
 
 __all__ = [
     "Deferred",
@@ -73,6 +73,15 @@ class Detector(Protocol):
 
     async def observe(self, step: TraceStep) -> Sequence[Detection]:
         """Look at one token; return detections available now (possibly none)."""
+        ...
+
+
+@runtime_checkable
+class StatCalibrated(Protocol):
+    """A detector whose thresholds are calibrated on windowed statistics too (a probe artifact)."""
+
+    def calibrated_thresholds(self) -> Mapping[str, float]:
+        """Statistic (`mean@16`, `ema@16`: `monitor.policy.stat_key`'s names) -> its calibrated threshold."""
         ...
 
 
@@ -209,5 +218,11 @@ def load_detector_specs(path: Path) -> list[DetectorSpec]:
 
 
 def thresholds_of(detectors: Sequence[Detector]) -> Mapping[str, float | None]:
-    """Calibrated threshold per detector name, for policies that say `gte: calibrated`."""
-    return {d.spec.name: d.calibrated_threshold() for d in detectors}
+    """Calibrated threshold per detector name, for policies that say `gte: calibrated`, plus
+    `name:statistic` for the statistics a detector is calibrated on (`monitor.policy.calibrated_bound`)."""
+    thresholds: dict[str, float | None] = {}
+    for d in detectors:
+        thresholds[d.spec.name] = d.calibrated_threshold()
+        if isinstance(d, StatCalibrated):
+            thresholds.update({d.spec.name + STAT_SEPARATOR + key: value for key, value in d.calibrated_thresholds().items()})
+    return thresholds

@@ -26,6 +26,9 @@ CHANNELS: tuple[Channel, ...] = ("reasoning", "answer")
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 ACTIONS: tuple[Action, ...] = ("alert", "store", "halt", "hold")
 OUTCOMES: tuple[Outcome, ...] = ("completed", "halted", "aborted", "error", "running")
+STAT_SEPARATOR = ":"
+"""In a thresholds mapping, `detector` is a detector's per-token threshold and `detector:mean@16` its
+threshold calibrated for that statistic (`monitor.policy.calibrated_bound`)."""
 MODES: tuple[Mode, ...] = ("generate", "teacher_force", "replay")
 
 

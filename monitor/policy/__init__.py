@@ -22,6 +22,8 @@ from monitor.policy.model import (
     Rule,
     Stat,
     When,
+    calibrated_bound,
+    stat_key,
 )
 from monitor.policy.parse import load_policy, parse_policy
 
@@ -42,6 +44,8 @@ __all__ = [
     "Stat",
     "When",
     "backtest",
+    "calibrated_bound",
     "load_policy",
     "parse_policy",
+    "stat_key",
 ]

@@ -151,6 +151,7 @@ def _may_condition(cond: Condition, evaluator: PolicyEvaluator, h: _History) -> 
     else:  # ema: a weighted mean of the window, between its min and max
         lo, hi = h.rolling(w, np.min, np.inf) - EPS, h.rolling(w, np.max, -np.inf) + EPS
     may_true, may_false = _compare(cond.comparison, lo, hi, bound)
+    empty |= h.seen < cond.min_scores  # the evaluator's value is None until min_scores scores exist
     return may_true & ~empty, may_false | empty
 
 

@@ -6,7 +6,20 @@ from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from itertools import islice
 
-from monitor.policy.model import COMPARE, SYMBOLS, AllOf, Bound, Condition, NotOf, Policy, PolicyError, Rule, When, conditions_of
+from monitor.policy.model import (
+    COMPARE,
+    SYMBOLS,
+    AllOf,
+    Bound,
+    Condition,
+    NotOf,
+    Policy,
+    PolicyError,
+    Rule,
+    When,
+    calibrated_bound,
+    conditions_of,
+)
 from monitor.types import Detection, Flag
 
 Key = tuple[str, str | None]
@@ -32,8 +45,8 @@ class PolicyEvaluator:
             conditions = list(conditions_of(rule.when))
             for c in conditions:
                 self._bounds[c] = (
-                    _resolve(policy, rule, c, c.value, thresholds or {}),
-                    _resolve(policy, rule, c, c.over, thresholds or {}),
+                    _resolve(policy, rule, c, c.value, thresholds or {}, over=False),
+                    _resolve(policy, rule, c, c.over, thresholds or {}, over=True),
                 )
                 sizes[key_of(c)] = max(sizes.get(key_of(c), 1), c.window)
             self._pending.append((rule, frozenset(map(key_of, conditions))))
@@ -101,7 +114,8 @@ class PolicyEvaluator:
             stat += "" if when.stat == "last" else f"@{when.window}"
             label = when.detector + (f"[{when.category}]" if when.category else "") + f" {stat}"
             if value is None:
-                return f"{label}: no scores yet"
+                have = len(self._history[key_of(when)])
+                return f"{label}: no scores yet" if not have else f"{label}: {have} of {when.min_scores} scores yet"
             shown = f"{value:.0f}" if when.stat == "count_over" else f"{value:.3f}"
             return f"{label}={shown} {SYMBOLS[when.comparison]} {_show_bound(when.value, bound)}"
         if isinstance(when, NotOf):
@@ -115,7 +129,7 @@ class PolicyEvaluator:
     def _value(self, cond: Condition) -> float | None:
         """The condition's statistic over its window; None while its history is empty."""
         history = self._history[key_of(cond)]
-        if not history:
+        if len(history) < max(1, cond.min_scores):
             return None
         n = len(history)
         scores: Iterable[float] = history if cond.window >= n else islice(history, n - cond.window, None)
@@ -141,16 +155,15 @@ def key_of(cond: Condition) -> Key:
     return cond.detector, cond.category
 
 
-def _resolve(policy: Policy, rule: Rule, cond: Condition, bound: Bound | None, thresholds: Mapping[str, float | None]) -> float:
+def _resolve(
+    policy: Policy, rule: Rule, cond: Condition, bound: Bound | None, thresholds: Mapping[str, float | None], *, over: bool
+) -> float:
     if bound != "calibrated":
         return bound or 0.0
-    if (threshold := thresholds.get(cond.detector)) is None:
-        raise PolicyError(
-            policy.source,
-            f"detector {cond.detector!r} has no calibrated threshold, which a 'calibrated' bound needs",
-            rule=rule.name,
-        )
-    return threshold
+    try:
+        return calibrated_bound(cond, thresholds, over=over)
+    except LookupError as exc:
+        raise PolicyError(policy.source, str(exc.args[0]), rule=rule.name) from None
 
 
 def _show_bound(bound: Bound | None, value: float) -> str:

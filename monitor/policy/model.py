@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import operator
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from monitor.types import Action, Severity
+from monitor.types import STAT_SEPARATOR, Action, Severity
 
 Stat = Literal["last", "max", "mean", "ema", "count_over"]
 Comparison = Literal["gte", "gt", "lte", "lt"]
@@ -45,6 +45,7 @@ class Condition:
     category: str | None = None  # when set, only the detector's detections of this category count
     over: Bound | None = None  # count_over only: a score counts when it is >= this
     alpha: float | None = None  # ema only: the smoothing factor; None means 2 / (window + 1)
+    min_scores: int = 1  # the condition is false until its history holds this many scores (<= window)
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"detector": self.detector}
@@ -52,6 +53,7 @@ class Condition:
             out["category"] = self.category
         out |= {"stat": self.stat, "window": self.window}
         out |= {k: v for k, v in (("over", self.over), ("alpha", self.alpha)) if v is not None}
+        out |= {"min_scores": self.min_scores} if self.min_scores != 1 else {}
         return out | {self.comparison: self.value}
 
 
@@ -86,6 +88,48 @@ class NotOf:
 
 
 When = Condition | AllOf | AnyOf | NotOf
+
+
+def stat_key(cond: Condition) -> str:
+    """How calibrations name the statistic `cond` computes: last, mean@16 (over full windows of 16:
+    `min_scores: 16`), mean@16/from1 (windows counted from the first score), ema@16, max@32 ..."""
+    if cond.stat in ("last", "count_over"):
+        return "last"
+    alpha = "" if cond.alpha is None else f"/alpha={cond.alpha:g}"
+    start = "" if cond.min_scores >= cond.window else f"/from{cond.min_scores}"
+    return f"{cond.stat}@{cond.window}{alpha}{start}"
+
+
+def detector_names(thresholds: Mapping[str, float | None]) -> list[str]:
+    """The detectors of a thresholds mapping (without its per-statistic entries)."""
+    return sorted(k for k in thresholds if STAT_SEPARATOR not in k)
+
+
+def calibrated_bound(cond: Condition, thresholds: Mapping[str, float | None], *, over: bool = False) -> float:
+    """The threshold a `calibrated` bound of `cond` stands for (its `over` bound with `over`).
+
+    A mean or EMA compares an average, so it takes the threshold calibrated for that very statistic
+    when the detector has one; a detector calibrated for other statistics only is an error (its
+    per-token threshold would not mean the same false-positive rate). `last`, `max` and
+    count_over's `over` compare single scores and take the per-token threshold, as do the means of a
+    detector calibrated per token only. LookupError says why there is none.
+    """
+    name = cond.detector
+    if not over and cond.stat in ("mean", "ema"):
+        key = stat_key(cond)
+        specific = thresholds.get(name + STAT_SEPARATOR + key)
+        if specific is not None:
+            return specific
+        others = sorted(k.split(STAT_SEPARATOR, 1)[1] for k in thresholds if k.startswith(name + STAT_SEPARATOR))
+        if others:
+            raise LookupError(
+                f"detector {name!r} has no threshold calibrated for {key} (it has: last, {', '.join(others)}); "
+                "use one of those, calibrate it for this statistic, or give a number"
+            )
+    threshold = thresholds.get(name)
+    if threshold is None:
+        raise LookupError(f"detector {name!r} has no calibrated threshold, which a 'calibrated' bound needs")
+    return threshold
 
 
 def conditions_of(when: When) -> Iterator[Condition]:

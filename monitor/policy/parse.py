@@ -23,12 +23,14 @@ from monitor.policy.model import (
     PolicyError,
     Rule,
     When,
+    calibrated_bound,
+    detector_names,
 )
-from monitor.types import ACTIONS, SEVERITIES
+from monitor.types import ACTIONS, SEVERITIES, STAT_SEPARATOR
 
 _RULE_NAME = re.compile(r"[a-z0-9][a-z0-9_.-]*")
 _CATEGORY = re.compile(r"[a-z0-9_]+")
-_CONDITION_KEYS = ("detector", "category", "stat", "window", *COMPARISONS, "over", "alpha")
+_CONDITION_KEYS = ("detector", "category", "stat", "window", *COMPARISONS, "over", "alpha", "min_scores")
 _T = TypeVar("_T", bound=str)
 
 
@@ -178,8 +180,8 @@ class _Fields:
         m = self.mapping(field, value, _CONDITION_KEYS, ("detector",))
         at = f"{field}.{{}}".format
         detector = self.string(at("detector"), m["detector"])
-        if self.detectors is not None and detector not in self.detectors:
-            known = ", ".join(sorted(self.detectors)) or "none"
+        if self.detectors is not None and (detector not in self.detectors or STAT_SEPARATOR in detector):
+            known = ", ".join(detector_names(self.detectors)) or "none"
             self.fail(at("detector"), f"unknown detector {detector!r} (known: {known})")
         category = self.string(at("category"), m["category"], pattern=_CATEGORY) if "category" in m else None
         stat = self.choice(at("stat"), m.get("stat", "last"), "stat", STATS)
@@ -201,7 +203,14 @@ class _Fields:
         else:
             bound = self.number(at(comparison), m[comparison], calibrated=detector)
         alpha = float(self.number(at("alpha"), m["alpha"], open_zero=True)) if "alpha" in m else None
-        return Condition(detector, comparison, bound, stat, window, category, over, alpha)
+        min_scores = self.integer(at("min_scores"), m.get("min_scores", 1), 1, window)
+        condition = Condition(detector, comparison, bound, stat, window, category, over, alpha, min_scores)
+        if self.detectors is not None and bound == "calibrated":
+            try:
+                calibrated_bound(condition, self.detectors)
+            except LookupError as exc:
+                self.fail(at(comparison), str(exc.args[0]))
+        return condition
 
 
 def _join(field: str, key: str) -> str:

@@ -36,6 +36,8 @@ def conditions(draw: st.DrawFn) -> dict[str, Any]:
         cond[comparison] = draw(st.sampled_from(EDGES))
     if stat == "ema" and draw(st.booleans()):
         cond["alpha"] = draw(st.sampled_from((0.3, 0.5, 1.0)))
+    if draw(st.booleans()):
+        cond["min_scores"] = draw(st.integers(1, window))
     return cond
 
 

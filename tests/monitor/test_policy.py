@@ -370,11 +370,15 @@ def test_bundled_policy_loads(name: str) -> None:
     assert {rule.severity for rule in policy.rules} == {"warning", "critical"}
 
 
-def test_default_policy_halts_when_24_of_32_tokens_reach_the_threshold() -> None:
-    thresholds = {"deception_probe": 0.7, "harmful_probe": 0.6}
+def test_default_policy_warns_on_a_full_window_mean_and_halts_on_its_mean_over_32() -> None:
+    thresholds = {"deception_probe": 0.99, "deception_probe:mean@8": 0.6, "deception_probe:mean@32": 0.7}
+    thresholds |= {"harmful_probe": 0.99, "harmful_probe:mean@16": 0.6, "harmful_probe:mean@32": 0.7}
     evaluator = PolicyEvaluator(load_policy(REPO / "policies" / "default.yaml", thresholds), thresholds)
-    flags = [flag for i in range(32) for flag in evaluator.observe([det(0.95 if i % 4 else 0.1)], i)]
-    assert [(f.rule, f.index) for f in flags] == [("deception-probe-warning", 3), ("deception-probe-critical", 31)]
+    # full windows only: the first 7 tokens cannot warn however high they score
+    flags = [flag for i in range(8) for flag in evaluator.observe([det(0.99 if i < 4 else 0.3)], i)]
+    assert [(f.rule, f.index) for f in flags] == [("deception-probe-warning", 7)]  # mean@8 = 0.645
+    flags = [flag for i in range(8, 40) for flag in evaluator.observe([det(0.8)], i)]
+    assert [(f.rule, f.index, f.actions[-1]) for f in flags] == [("deception-probe-critical", 31, "halt")]  # mean@32 = 0.761
 
 
 @pytest.mark.parametrize("name", ["default", "strict"])
