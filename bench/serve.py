@@ -10,7 +10,7 @@ Per cell it prints the median over rounds of tokens/s (all completion tokens, fr
 chunk, / the batch's wall time) and the p50/p99 TTFT pooled over rounds (request sent -> first
 SSE chunk carrying reasoning or content text). Per-session log lines are off in both modes.
 
-    .venv/bin/python bench/serve.py                          # tiny model, CPU
+    .venv/bin/python bench/serve.py                          # the embedded real model (smollm2), CPU
     .venv/bin/python bench/serve.py --rounds 1 --tokens 16   # quick check
     .venv/bin/python bench/serve.py --device cuda --model <hub id or path>
 """
@@ -147,7 +147,7 @@ async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="tiny", help="hub id, local path, or tiny")
+    parser.add_argument("--model", default="smollm2", help="smollm2 (the real model), a .gguf file, a hub id or path, or tiny")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per (concurrency, mode) cell")

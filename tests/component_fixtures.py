@@ -11,6 +11,7 @@ from __future__ import annotations
 from importlib import metadata
 
 import pytest
+
 from components import COMPONENTS, OPT_OUT, opted_out
 
 _used: set[str] = set()
@@ -32,8 +33,7 @@ def require(name: str, binary: str | None = None) -> str:
             _not_run[name] = f"missing: {', '.join(missing)}"
             pytest.skip(f"{why}; {OPT_OUT} lets this run go without it")
         pytest.fail(
-            f"{why}. `make test` installs it (python3 tests/components.py install); "
-            f"to run without it knowingly, set {OPT_OUT}={name}",
+            f"{why}. `make test` installs it (make components); to run without it knowingly, set {OPT_OUT}={name}",
             pytrace=False,
         )
     _used.add(name)

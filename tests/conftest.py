@@ -71,6 +71,28 @@ def engine() -> HFEngine:
     return HFEngine.load("tiny")
 
 
+ROOT = Path(__file__).resolve().parents[1]
+MODELS = ROOT / ".cotmon" / "models"
+"""Where the real model is cached dequantised: the repo's default data dir, shared with `make demo`."""
+
+
+@pytest.fixture(scope="session")
+def real_model() -> HFEngine:
+    """The embedded real model (smollm2), loaded once per test session (dequantised on the first)."""
+    from component_fixtures import require  # a plugin this module registers: imported after it
+
+    require("smollm2")
+    return HFEngine.load("smollm2", models_dir=MODELS)
+
+
+@pytest.fixture
+def real_engine(real_model: HFEngine) -> Iterator[HFEngine]:
+    """The real model, with no readouts installed before or after the test."""
+    real_model.install([])
+    yield real_model
+    real_model.install([])
+
+
 @pytest.fixture
 def metrics() -> Metrics:
     return Metrics(CollectorRegistry())

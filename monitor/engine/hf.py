@@ -9,20 +9,31 @@ closing the stream (a halt, a disconnect) stops generation before another token 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import copy
 import inspect
 import threading
 import uuid
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
-from monitor.engine.readout import ActivationCapture, ReadoutHooks, ReadoutPlan, decoder_layers
-from monitor.engine.text import THINK_CLOSE, ChannelTracker, IncrementalDecoder, eos_ids, opens_reasoning, partial_tag_length
+from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_model
+from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
+from monitor.engine.text import (
+    THINK_CLOSE,
+    THINK_OPEN,
+    ChannelTracker,
+    IncrementalDecoder,
+    eos_ids,
+    opens_reasoning,
+    partial_tag_length,
+)
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
@@ -48,10 +59,12 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class HFEngine:
     """Generation and teacher-forcing with a transformers model; see the module docstring."""
 
-    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo):
+    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, think: ThinkPrompt | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
+        self.think = think
+        """Set for an instruct model made to reason: see `monitor.engine.models.ThinkPrompt`."""
         self.device = next(model.parameters()).device
         self._layers = decoder_layers(model)
         self._plan: ReadoutPlan | None = None
@@ -60,31 +73,50 @@ class HFEngine:
         self._lock = threading.Lock()
         self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
         self._cache_kwarg = cache_kwarg(model)
+        self._prefixes = PrefixCache()
 
     @classmethod
     def load(
-        cls, model_id: str = TINY_ID, *, device: str = "cpu", dtype: str = "auto", revision: str | None = None, seed: int = 0
+        cls,
+        model_id: str = TINY_ID,
+        *,
+        device: str = "cpu",
+        dtype: str = "auto",
+        revision: str | None = None,
+        seed: int = 0,
+        models_dir: Path = Path(".cotmon") / "models",
+        think: Literal["auto", "prompt", "off"] = "auto",
     ) -> HFEngine:
-        """Load `model_id` (a hub id, a local directory, or `tiny`) onto `device`."""
+        """Load `model_id` onto `device`: `tiny`, a known name (`smollm2`), a `.gguf` file (both
+        dequantised once into `models_dir`), a local directory or a hub id. `think`: whether the
+        prompt asks the model to reason in a think block (auto: when the model is known to need it)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model: Any
         tokenizer: Any
+        resolved = ResolvedModel(model_id, None)
         if model_id == TINY_ID:
             model, tokenizer = build_tiny(seed)
             rev = f"seed{seed}-{weights_digest(model)}"
         else:
+            resolved = resolve_model(model_id, models_dir)
             try:
-                tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-                model = AutoModelForCausalLM.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
+                tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=revision)
+                model = AutoModelForCausalLM.from_pretrained(resolved.path, revision=revision, dtype=torch_dtype)
             except (OSError, ValueError) as exc:
                 raise EngineError(f"cannot load model {model_id!r}: {exc}") from exc
-            rev = revision or getattr(model.config, "_commit_hash", None) or ("local" if Path(model_id).exists() else "unknown")
+            rev = (
+                resolved.revision
+                or revision
+                or getattr(model.config, "_commit_hash", None)
+                or ("local" if Path(model_id).exists() else "unknown")
+            )
         model = model.to(device=torch_device, dtype=torch_dtype).eval()
         layers = decoder_layers(model)
         config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         info = ModelInfo(model_id=model_id, revision=str(rev), d_model=int(config.hidden_size), n_layers=len(layers))
-        return cls(model, tokenizer, info)
+        prompt = {"auto": resolved.think, "prompt": resolved.think or ThinkPrompt(THINK_INSTRUCTION), "off": None}[think]
+        return cls(model, tokenizer, info, prompt)
 
     # -- readouts -----------------------------------------------------------------------------
 
@@ -103,9 +135,14 @@ class HFEngine:
     # -- tokens ---------------------------------------------------------------------------------
 
     def render_prompt(self, messages: Sequence[ChatMessage]) -> str:
-        return str(
-            self.tokenizer.apply_chat_template([m.to_dict() for m in messages], add_generation_prompt=True, tokenize=False)
-        )
+        chat = [m.to_dict() for m in messages]
+        if self.think is not None:  # ask for reasoning first, then open the think block ourselves
+            if chat and chat[0]["role"] == "system":
+                chat[0] = {"role": "system", "content": f"{chat[0]['content']}\n\n{self.think.instruction}"}
+            else:
+                chat.insert(0, {"role": "system", "content": self.think.instruction})
+        text = str(self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=False))
+        return text + THINK_OPEN + "\n" if self.think is not None and not opens_reasoning(text) else text
 
     def prompt_opens_reasoning(self, messages: Sequence[ChatMessage]) -> bool:
         return opens_reasoning(self.render_prompt(messages))
@@ -148,8 +185,11 @@ class HFEngine:
         eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         cache = DynamicCache()
         logits, _ = await asyncio.to_thread(self._forward, self.encode(prompt_text), cache)
-        pending = sampler(logits)
         forced: deque[int] = deque()
+        pending = self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
+        budget = request.max_reasoning_tokens
+        if budget is None and self.think is not None:
+            budget = max(1, min(self.think.budget, request.max_tokens // 2))
         for index in range(request.max_tokens):
             if pending in eos:
                 return
@@ -158,14 +198,21 @@ class HFEngine:
             step = self._step(session_id, index, token, decoder, tracker, _row(values, 0), final=False)
             final = index + 1 >= request.max_tokens
             if not final:
-                budget = request.max_reasoning_tokens
                 if not forced and budget is not None and tracker.channel == "reasoning" and tracker.reasoning_tokens >= budget:
                     forced.extend(self._close_ids)  # reasoning budget spent: close the think block
-                pending = forced.popleft() if forced else sampler(logits)
+                pending = forced.popleft() if forced else self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
                 final = pending in eos
             yield _finalised(step, final)
             if final:
                 return
+
+    def _unless_stopped_thinking(self, token: int, eos: frozenset[int], tracker: ChannelTracker, forced: deque[int]) -> int:
+        """`token`, unless a prompted model ends its turn inside the think block: then the block is
+        closed instead (the first token of the close, the rest queued in `forced`) and it answers."""
+        if self.think is None or token not in eos or tracker.channel != "reasoning":
+            return token
+        forced.extend(self._close_ids[1:])
+        return self._close_ids[0]
 
     def teacher_force(
         self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = ""
@@ -193,17 +240,113 @@ class HFEngine:
         for index, token in enumerate(text_ids):
             yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
 
+    def capture_many(
+        self, items: Sequence[tuple[Sequence[ChatMessage], str]], layers: Sequence[int]
+    ) -> list[dict[int, torch.Tensor]]:
+        """`capture` for several (messages, assistant text) at once: one forward for all of them.
+
+        The prompts' common start is computed once and its KV cache repeated over the batch; the
+        rest of each sequence is right-padded, which no real token attends to (attention is causal),
+        so each text's activations are its own (equal to `capture`'s to float rounding).
+        """
+        if not items:
+            return []
+        prompts = [self.encode(self.render_prompt(messages)) for messages, _ in items]
+        texts = [self.encode(text) for _, text in items]
+        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
+        rests = [p[shared:] + t for p, t in zip(prompts, texts, strict=True)]
+        width = max(len(r) for r in rests)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        batch = torch.tensor([r + [pad] * (width - len(r)) for r in rests], device=self.device)
+        # Both forwards stop after the highest wanted layer (CaptureDone): nothing above it is needed,
+        # not even in the prefix's KV cache, since the batch's forward stops there too.
+        with ActivationCapture(self._layers, layers, stop=True) as cap, self._lock, torch.inference_mode():
+            cache = DynamicCache()
+            if shared:
+                with contextlib.suppress(CaptureDone):
+                    self.model(
+                        input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
+                        use_cache=True,
+                        logits_to_keep=1,
+                        **{self._cache_kwarg: cache},
+                    )
+                cache.batch_repeat_interleave(len(items))
+            cap.activations.clear()
+            with contextlib.suppress(CaptureDone):
+                self.model(input_ids=batch, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
+        out = []
+        for row, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
+            start = len(prompt) - shared
+            out.append({layer: acts[row, start : start + len(text)] for layer, acts in cap.activations.items()})
+        return out
+
     def forcer(self, messages: Sequence[ChatMessage], session_id: str) -> IncrementalForcer:
         """Teacher-forcing of a text that arrives in pieces (the upstream mode's reader)."""
         return IncrementalForcer(self, messages, session_id)
 
     def capture(self, messages: Sequence[ChatMessage], assistant_text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer."""
+        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer.
+
+        Training and calibration capture many texts after prompts that start alike (the chat
+        template, a system prompt): the KV cache of the previous prompt serves the common start of
+        the next one, which is then not computed again (`PrefixCache`).
+        """
         prompt_ids = self.encode(self.render_prompt(messages))
         text_ids = self.encode(assistant_text)
         with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
-            self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
-        return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
+            cache, start = self._prefixes.take(prompt_ids)
+            ids = torch.tensor([prompt_ids[start:] + text_ids], device=self.device)
+            kwargs = {self._cache_kwarg: cache}
+            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            self._prefixes.keep(prompt_ids, cache)
+        return {layer: acts[0, len(prompt_ids) - start :] for layer, acts in cap.activations.items()}
+
+
+def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
+    """Length of the longest prefix all `sequences` share."""
+    shortest = min(len(s) for s in sequences)
+    for i in range(shortest):
+        if any(s[i] != sequences[0][i] for s in sequences[1:]):
+            return i
+    return shortest
+
+
+class PrefixCache:
+    """The KV cache of the last prompt captured, kept for the common start of the next one.
+
+    `take(ids)` returns a cache holding the first `start` tokens of `ids` (a copy of the kept one,
+    cropped to the longest common prefix) and `start`, or a fresh cache and 0 when fewer than
+    `min_tokens` are shared. `keep(ids, cache)` stores a forward's cache cropped to `ids`.
+    Activations computed on top of it agree with one full forward to float rounding.
+    """
+
+    def __init__(self, min_tokens: int = 16):
+        self.min_tokens = min_tokens
+        self._ids: list[int] = []
+        self._cache: DynamicCache | None = None
+
+    def take(self, ids: Sequence[int]) -> tuple[DynamicCache, int]:
+        shared = 0
+        for a, b in zip(self._ids, ids[:-1], strict=False):  # leave at least one token to compute
+            if a != b:
+                break
+            shared += 1
+        if self._cache is None or shared < self.min_tokens:
+            return DynamicCache(), 0
+        cache = copy.deepcopy(self._cache)
+        _crop(cache, shared)
+        return cache, shared
+
+    def keep(self, ids: Sequence[int], cache: DynamicCache) -> None:
+        _crop(cache, len(ids))
+        self._ids, self._cache = list(ids), cache
+
+
+def _crop(cache: DynamicCache, length: int) -> None:
+    """Cut `cache` to its first `length` tokens (a negative `crop` removes tokens in every transformers version)."""
+    extra = cache.get_seq_length() - length
+    if extra > 0:
+        cache.crop(-extra)
 
 
 def cache_kwarg(model: Any) -> str:

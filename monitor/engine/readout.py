@@ -192,18 +192,27 @@ class ReadoutHooks(_LayerHooks):
         return out.cpu()
 
 
+class CaptureDone(Exception):
+    """Raised by an `ActivationCapture(stop=True)` once the last wanted layer ran: the layers above
+    it are not computed (the caller catches it; the forward's output and KV cache are then partial)."""
+
+
 class ActivationCapture(_LayerHooks):
     """Forward hooks that keep raw residual-stream activations of chosen layers (probe training)."""
 
-    def __init__(self, layers: nn.ModuleList, wanted: Sequence[int]):
+    def __init__(self, layers: nn.ModuleList, wanted: Sequence[int], *, stop: bool = False):
         super().__init__(layers)
         self.wanted = tuple(wanted)
+        self.stop = stop
         self.activations: dict[int, torch.Tensor] = {}
 
     def _hooks(self) -> Iterable[tuple[int, HookFn]]:
+        last = max(self.wanted, default=-1)
         for layer in self.wanted:
 
             def hook(module: nn.Module, args: Any, output: Any, layer: int = layer) -> None:
                 self.activations[layer] = _hidden_of(output).float().cpu()
+                if self.stop and layer == last:
+                    raise CaptureDone
 
             yield layer, hook

@@ -64,6 +64,8 @@ def load_reader(settings: Settings, *, device: str | None = None, dtype: str | N
         dtype=dtype or settings.dtype,
         revision=settings.revision,
         seed=settings.seed,
+        models_dir=settings.models_dir,
+        think=settings.think,
     )
 
 
@@ -171,7 +173,22 @@ def serve(settings: Settings, default_policy: Path) -> None:
     async def main() -> None:
         if settings.engine == "vllm" and settings.vllm_selftest:
             await check_vllm_readouts(settings, engine)
-        log.info("serving", host=settings.host, port=settings.port, model=settings.model)
+        pipeline = app.state.cotmon.pipeline
+        detectors = [spec.name for spec in pipeline.specs]
+        if not detectors:
+            log.warning(
+                "unmonitored",
+                reason="no detector is loaded (--no-probes and no --detectors or --judge-url): "
+                "the model is served without monitoring",
+            )
+        log.info(
+            "serving",
+            host=settings.host,
+            port=settings.port,
+            model=settings.model,
+            detectors=detectors,
+            policy=pipeline.policy.name,
+        )
         await uvicorn.Server(config).serve()
 
     try:

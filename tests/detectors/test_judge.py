@@ -162,7 +162,19 @@ def test_eval_runs_the_judge_as_triage_only(tmp_path: Path) -> None:
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     result = CliRunner().invoke(
         main,
-        ["eval", "--detector", "cot_judge", "--dataset", str(data), "--category", "deception", "--out", str(tmp_path / "o")],
+        [
+            "eval",
+            "--model",
+            "tiny",
+            "--detector",
+            "cot_judge",
+            "--dataset",
+            str(data),
+            "--category",
+            "deception",
+            "--out",
+            str(tmp_path / "o"),
+        ],
         terminal_width=200,
     )
     assert result.exit_code == 0, result.output

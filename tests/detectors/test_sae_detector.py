@@ -234,7 +234,7 @@ async def test_serve_loads_sae_detectors_from_a_detectors_file(tmp_path: Path) -
         "  - kind: sae_features\n    name: sae_l2\n"
         "    args: {sae: saes/l2, explain: 4, watch: [{feature: 6, label: secrecy, category: deception, threshold: 0.5}]}\n"
     )
-    settings = Settings.load({}, data_dir=tmp_path / "data", detectors=listing)
+    settings = Settings.load({}, data_dir=tmp_path / "data", detectors=listing, model="tiny", probes="none")
     pipeline = build_pipeline(settings, bundled_policy("default"))
     assert [s.name for s in pipeline.specs] == ["sae_l2"] and pipeline.policy.rules == ()
     transcript = await pipeline.teacher_force(MESSAGES, TEXT).run()
@@ -254,7 +254,7 @@ async def test_serve_loads_sae_detectors_from_a_detectors_file(tmp_path: Path) -
 def test_a_bad_detectors_file_names_the_file_and_the_problem(tmp_path: Path, text: str, problem: str) -> None:
     listing = tmp_path / "detectors.yaml"
     listing.write_text(text)
-    settings = Settings.load({}, data_dir=tmp_path / "data", detectors=listing)
+    settings = Settings.load({}, data_dir=tmp_path / "data", detectors=listing, model="tiny", probes="none")
     with pytest.raises(DetectorError, match=problem) as err:
         build_pipeline(settings, bundled_policy("default"))
     assert str(listing) in str(err.value)

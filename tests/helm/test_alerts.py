@@ -14,6 +14,7 @@ from typing import Any
 import httpx
 import pytest
 import yaml
+
 from component_fixtures import require
 from deploy_tools import ALERT_TESTS, ALERTS, EXAMPLES, VIEWER_URL_PLACEHOLDER, exported_metrics
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 import yaml
+
 from deploy_tools import ALERTS, CHART, DASHBOARD, EXAMPLES, VIEWER_URL_PLACEHOLDER
 
 NAMESPACE = "monitoring-ns"

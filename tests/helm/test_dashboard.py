@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from components import NODE_BIN
 from deploy_tools import (
     DASHBOARD,

@@ -21,12 +21,12 @@ import httpx
 import numpy as np
 import pytest
 import yaml
-from component_fixtures import require
-from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER, dashboard_panels, substitute
 from openai import OpenAI
 from prometheus_client import CollectorRegistry
 
+from component_fixtures import require
 from conftest import free_port
+from deploy_tools import ALERTS, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER, dashboard_panels, substitute
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy

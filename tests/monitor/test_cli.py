@@ -39,7 +39,8 @@ def test_policy_check_reports_file_rule_and_field(tmp_path: Path) -> None:
 
 
 def test_settings_come_from_defaults_then_environment_then_overrides() -> None:
-    assert Settings.load({}).model == "tiny"
+    assert Settings.load({}).model == "smollm2" and Settings.load({}).probes == Path("auto")
+    assert Settings.load({"COTMON_PROBES": "none"}).probes is None
     assert Settings.load({"COTMON_MODEL": "org/m"}).model == "org/m"
     assert Settings.load({"COTMON_MODEL": "org/m"}, model="other").model == "other"
     assert Settings.load({"COTMON_DATA_DIR": "/x"}).store_location == "sqlite:////x/transcripts.db"

@@ -14,7 +14,7 @@ from conftest import free_port, spawn_serve, wait_ready
 def test_sigterm_lets_an_in_flight_stream_finish_then_exits_cleanly(tmp_path: Path) -> None:
     port = free_port()
     env = {"COTMON_DATA_DIR": str(tmp_path), "COTMON_DRAIN_SECONDS": "20"}
-    proc = spawn_serve(port, env=env, output=subprocess.PIPE)
+    proc = spawn_serve(port, "--model", "tiny", "--no-probes", env=env, output=subprocess.PIPE)
     try:
         base = f"http://127.0.0.1:{port}"
         wait_ready(base, proc)

@@ -23,7 +23,7 @@ COUNTED = 'cotmon_flags_total{category="deception",rule="early",severity="critic
 
 
 def _serve(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
-    args = ["--probes", str(tmp_path / "probes"), "--policy", str(tmp_path / "policy.yaml")]
+    args = ["--model", "tiny", "--probes", str(tmp_path / "probes"), "--policy", str(tmp_path / "policy.yaml")]
     return spawn_serve(port, *args, env={"COTMON_DATA_DIR": str(tmp_path / "data")})
 
 

@@ -12,8 +12,8 @@ from typing import Any
 import httpx
 import pytest
 import yaml
-from component_fixtures import require
 
+from component_fixtures import require
 from conftest import NEVER, Serve
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
