@@ -2,17 +2,17 @@
 
 Workload: the first --items bundled deception contrast items, each teacher-forced after its
 messages with --layers captured per forward (default n_layers//3 and 2*n_layers//3), for the
-tiny model and a random-init Qwen2 of realistic width. Two modes per model:
+tiny model, the embedded real model (smollm2) and a random-init Qwen2 of realistic width. Modes:
 
-  one at a time   HFEngine.capture per item, as probe training extracts today
-  batch N         N consecutive items right-padded into one forward of the public model call
-                  with an attention mask, each item's assistant-token positions sliced out
+  one at a time   HFEngine.capture per item (the previous prompt's KV cache serves the common start)
+  batch N         probes.train.capture_all with N items per forward, as probe training extracts:
+                  texts sorted by length, the prompts' common start computed once, right-padded
 
 A pass over all items is timed --repeats times; the table shows the total captured tokens per
-pass and the median tokens/s and items/s. Before timing, the batched activations of 2 items
-(the shortest and longest, so padding is exercised) are checked against the one-at-a-time ones.
+pass and the median tokens/s and items/s. Before timing, the batched activations of the shortest
+and longest item (so padding is exercised) are checked against the one-at-a-time ones.
 
-    .venv/bin/python bench/extract.py                  # tiny + a d_model-2048 random model, CPU, fp32
+    .venv/bin/python bench/extract.py                  # tiny, smollm2, a d_model-2048 random model, CPU, fp32
     .venv/bin/python bench/extract.py --device cuda    # same on a GPU (bf16 unless --dtype float32)
 """
 
@@ -22,6 +22,8 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
+from pathlib import Path
+from unittest.mock import patch
 
 import torch
 from overhead import realistic_engine  # bench/overhead.py: the script's own directory is on sys.path
@@ -29,39 +31,19 @@ from rich.console import Console
 from rich.table import Table
 
 from monitor.engine.hf import HFEngine, resolve_dtype
-from monitor.engine.readout import ActivationCapture, decoder_layers
+from probes import train
 from probes.datasets import LabelledText, load_contrast
 
-Activations = dict[int, torch.Tensor]
-
-
-def capture_batch(engine: HFEngine, items: Sequence[LabelledText], layers: Sequence[int]) -> list[Activations]:
-    """Like HFEngine.capture for several items at once: right padding, an attention mask, one forward."""
-    encoded = [(engine.encode(engine.render_prompt(item.messages)), engine.encode(item.text)) for item in items]
-    width = max(len(prompt) + len(text) for prompt, text in encoded)
-    ids = torch.full((len(items), width), engine.tokenizer.pad_token_id or 0, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for row, (prompt, text) in enumerate(encoded):
-        ids[row, : len(prompt) + len(text)] = torch.tensor(prompt + text, dtype=torch.long)
-        mask[row, : len(prompt) + len(text)] = 1
-    with ActivationCapture(decoder_layers(engine.model), layers) as cap, torch.inference_mode():
-        engine.model(input_ids=ids.to(engine.device), attention_mask=mask.to(engine.device), use_cache=False, logits_to_keep=1)
-    return [
-        {layer: acts[row, len(prompt) : len(prompt) + len(text)] for layer, acts in cap.activations.items()}
-        for row, (prompt, text) in enumerate(encoded)
-    ]
+MODELS = Path(".cotmon/models")  # where `make demo` and the tests cache the dequantised model
 
 
 def extract_pass(engine: HFEngine, items: Sequence[LabelledText], layers: Sequence[int], batch: int) -> int:
     """Capture every item once; returns the number of assistant-text tokens captured."""
-    tokens = 0
     if batch <= 1:
-        for item in items:
-            tokens += engine.capture(item.messages, item.text, layers)[layers[0]].shape[0]
-        return tokens
-    for start in range(0, len(items), batch):
-        tokens += sum(acts[layers[0]].shape[0] for acts in capture_batch(engine, items[start : start + batch], layers))
-    return tokens
+        return sum(engine.capture(item.messages, item.text, layers)[layers[0]].shape[0] for item in items)
+    pairs = [(item.messages, item.text) for item in items]
+    with patch.object(train, "BATCH", batch):
+        return sum(acts[layers[0]].shape[0] for acts in train.capture_all(engine, pairs, layers))
 
 
 def measure(
@@ -81,7 +63,7 @@ def check_batched(engine: HFEngine, items: Sequence[LabelledText], layers: Seque
     """One line: do the batched activations of the shortest and longest item equal the one-at-a-time ones?"""
     by_length = sorted(items, key=lambda item: len(engine.encode(engine.render_prompt(item.messages) + item.text)))
     pair = [by_length[0], by_length[-1]]
-    batched = capture_batch(engine, pair, layers)
+    batched = engine.capture_many([(item.messages, item.text) for item in pair], layers)
     worst = 0.0
     for item, acts in zip(pair, batched, strict=True):
         single = engine.capture(item.messages, item.text, layers)
@@ -99,7 +81,8 @@ def main() -> None:
     parser.add_argument("--dtype", default="auto", help="auto: float32 on CPU, bfloat16 on CUDA")
     parser.add_argument("--items", type=int, default=64, help="first N bundled deception contrast items")
     parser.add_argument("--layers", type=int, nargs="+", help="layers captured per forward (default n//3 and 2n//3)")
-    parser.add_argument("--batch", type=int, default=8, help="items per forward in the batched mode (1: skip it)")
+    parser.add_argument("--batch", type=int, default=train.BATCH, help="items per forward in the batched mode (1: skip it)")
+    parser.add_argument("--no-real", action="store_true", help="leave out the embedded real model (smollm2)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per mode (median taken)")
     parser.add_argument("--d-model", type=int, default=2048, help="width of the realistic random model")
     parser.add_argument("--n-layers", type=int, default=4, help="decoder blocks of the realistic random model")
@@ -108,6 +91,16 @@ def main() -> None:
     items = load_contrast("deception")[: args.items]
     engines = [
         ("tiny", HFEngine.load("tiny", device=args.device, dtype=str(dtype).removeprefix("torch."))),
+        *(
+            []
+            if args.no_real
+            else [
+                (
+                    "smollm2 (real)",
+                    HFEngine.load("smollm2", device=args.device, dtype=str(dtype).removeprefix("torch."), models_dir=MODELS),
+                )
+            ]
+        ),
         (f"random d_model={args.d_model}", realistic_engine(args.d_model, args.n_layers, args.device, dtype)),
     ]
     tol = 1e-4 if dtype == torch.float32 else 5e-2

@@ -225,3 +225,26 @@ def load_texts(path: str | Path, *, text_field: str = "text", limit: int | None 
         if limit is not None and len(items) >= limit:
             break
     return items
+
+
+@dataclass(frozen=True)
+class BenignPrompt:
+    """A bundled benign prompt (probes/data/benign_prompts.jsonl) to calibrate thresholds on."""
+
+    id: str
+    messages: tuple[ChatMessage, ...]
+    source: str
+    split: Literal["train", "calibration", "heldapart"]
+    """The model's text for a `train` prompt is a negative when probes train; `calibration` texts set
+    thresholds; `heldapart` texts only measure them."""
+
+
+def load_benign_prompts() -> list[BenignPrompt]:
+    path = data_path("benign_prompts.jsonl")
+    prompts = []
+    for lineno, row in _read_jsonl(path):
+        where = f"{path}:{lineno}"
+        if row.get("split") not in ("train", "calibration", "heldapart"):
+            raise DatasetError(f"{where}: field 'split' must be train, calibration or heldapart")
+        prompts.append(BenignPrompt(str(row["id"]), _messages(row.get("messages"), where), str(row["source"]), row["split"]))
+    return prompts

@@ -1,4 +1,4 @@
-"""`cotmon demo`: the whole monitoring loop on the built-in tiny model, on a CPU, in a minute.
+"""`cotmon demo`: the whole monitoring loop on the embedded real model (smollm2), on a CPU.
 
 This module holds only the command and its options, so `cotmon --help` stays fast; the work
 (model, training, pipeline) is in `probes.showcase`, imported when the command runs.
@@ -13,12 +13,29 @@ import click
 
 
 @click.command()
-@click.option("--model", default=None, help="Hub id or local path of a causal LM; default: the built-in tiny model.")
+@click.option(
+    "--model",
+    default=None,
+    help="smollm2 [default: the embedded real model], a .gguf file, a hub id or local path of a causal LM, "
+    "or tiny (random weights: plumbing only).",
+)
 @click.option("--device", default=None, help="auto, cpu, cuda, ...")
 @click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
 @click.option("--seed", type=int, default=None, help="Seed of the tiny model, the data split and sampling.")
 @click.option("--layers", default=None, help="Comma-separated layers to try for the probes; default: a few middle layers.")
-@click.option("--contrast-limit", type=int, default=300, show_default=True, help="Contrast texts per label and probe.")
+@click.option(
+    "--contrast-limit",
+    type=int,
+    default=300,
+    show_default=True,
+    help="Contrast texts per label and probe (another value trains a probe pack of its own).",
+)
+@click.option(
+    "--calibration-limit",
+    type=int,
+    default=None,
+    help="Calibrate on this many benign prompts' sessions instead of all 600 (quicker, coarser thresholds).",
+)
 @click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None, help="Output directory [.cotmon].")
 @click.option("--exit", "exit_when_done", is_flag=True, help="Return when done, without the what-to-try-next notes.")
 def demo(
@@ -28,15 +45,20 @@ def demo(
     seed: int | None,
     layers: str | None,
     contrast_limit: int,
+    calibration_limit: int | None,
     data_dir: Path | None,
     exit_when_done: bool,
 ) -> None:
     """Train probes and monitor bundled example transcripts end to end on a CPU.
 
-    The default model is tiny and random: the demo tests the plumbing (readouts, policy,
-    flags, metrics, transcripts), not real deception detection. The AUROCs it prints are
-    measured honestly, whatever they are. Pass --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B
-    (or any causal LM) to run the same loop on a real model.
+    The default model is real: SmolLM2-135M-Instruct (smollm2), shipped as a GGUF file by a PyPI
+    package, so no model hub is needed; it is dequantised once and cached. It is an instruct
+    model made to reason in a think block (the prompt opens it), not a reasoning model. The demo
+    trains and calibrates the default probe pack (the one `cotmon serve` loads; cached after the
+    first run), scores the 48 bundled example transcripts in watch mode through a real server,
+    reports AUROC on their held-back split and what the default policy caught, and runs one live
+    streaming chat. Numbers are measured as they come. --model tiny runs the same loop on a
+    random model (plumbing only); any transformers causal LM works with --model.
     """
     from rich.console import Console
 
@@ -58,18 +80,18 @@ def demo(
     log_path = out / "cotmon.log"
     with logging_to(log_path, json=settings.log_format == "json", level=settings.log_level):
         try:
-            run(settings, console, out, layers, contrast_limit)
+            run(settings, console, out, layers, contrast_limit, calibration_limit)
         except (EngineError, DetectorError, PolicyError, DatasetError) as exc:
             raise click.ClickException(str(exc)) from None
     console.print(f"\nStructured logs (one JSON line per session): {log_path}")
     if not exit_when_done:
         console.print(
             "\nNext:\n"
-            f"  - serve with these probes:     cotmon serve --probes {out / 'probes'}   (then point an OpenAI client at /v1)\n"
+            "  - serve the model, monitored:  cotmon serve   (same probes and policy; point an OpenAI client at /v1)\n"
             "  - browse the transcripts:      the same server's /ui/ (flagged sessions, shaded tokens, replay)\n"
             "  - list the flagged ones:       cotmon transcripts list --flagged\n"
             "  - replay one, exactly:         cotmon replay deceptive-09   (or: --policy policies/strict.yaml)\n"
             "  - backtest a policy:           cotmon replay --all --policy policies/strict.yaml\n"
-            "  - a real model (needs the hub): cotmon demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B\n"
+            "  - another model:                cotmon demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (needs the hub)\n"
             "  - run the tests:                make test"
         )

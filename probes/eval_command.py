@@ -25,6 +25,15 @@ SPEC_HELP = (
 )
 
 
+def _aggregate(ctx: click.Context, param: click.Parameter, value: str) -> str:
+    from probes.evaluate import check_aggregate
+
+    try:
+        return check_aggregate(value)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc)) from None
+
+
 @click.command("eval")
 @click.option("--detector", "detectors", multiple=True, required=True, metavar="SPEC", help=SPEC_HELP)
 @click.option(
@@ -46,13 +55,19 @@ SPEC_HELP = (
 )
 @click.option(
     "--aggregate",
-    type=click.Choice(["mean", "max"]),
     default="mean",
     show_default=True,
-    help="How an item's per-token scores over its reasoning become one item score.",
+    callback=_aggregate,
+    metavar="mean|max|STAT@N",
+    help="How an item's per-token scores over its reasoning become one item score: their mean or max, or the "
+    "peak of a policy statistic (mean@16: the highest mean over 16 consecutive tokens; also ema@N, last). "
+    "The confusion matrix uses the threshold calibrated for that statistic, so mean@16 counts what a rule "
+    "{stat: mean, window: 16, min_scores: 16, gte: calibrated} would flag; items shorter than N are unscored.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
-@click.option("--model", default=None, help="Hub id, local path, or `tiny` (default).")
+@click.option(
+    "--model", default=None, help="smollm2 [default: the embedded real model], a .gguf file, a hub id or local path, or tiny."
+)
 @click.option("--device", default=None, help="auto, cpu, cuda, ...")
 @click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [.cotmon/eval].")
@@ -92,11 +107,11 @@ def eval_command(
 
     from monitor.detector import DetectorError, default_registry
     from monitor.engine.base import EngineError
-    from monitor.engine.hf import HFEngine
     from monitor.observability import logging_to
+    from monitor.server.serve import load_reader
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError, load_labelled_file
-    from probes.evaluate import Aggregate, DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
+    from probes.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
 
     width = None if sys.stdout.isatty() else 150
     console = Console(highlight=False, width=width, stderr=as_json)
@@ -119,12 +134,11 @@ def eval_command(
     out_dir.mkdir(parents=True, exist_ok=True)
     console.print(f"cotmon eval: {len(items)} items from {dataset}; loading model {settings.model!r}")
     try:
-        engine = HFEngine.load(settings.model, device=settings.device, dtype=settings.dtype, revision=settings.revision)
+        engine = load_reader(settings)
     except EngineError as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError, RuntimeError, AssertionError) as exc:  # torch without CUDA asserts
         raise click.ClickException(f"cannot load model {settings.model!r} on {settings.device}: {exc}") from None
-    agg: Aggregate = "max" if aggregate == "max" else "mean"
     try:
         with (
             logging_to(out_dir / "eval.log", level=settings.log_level),
@@ -136,7 +150,7 @@ def eval_command(
                 specs,
                 items,
                 ref,
-                aggregate=agg,
+                aggregate=aggregate,
                 registry=registry,
                 progress=lambda n: bar.advance(task, n),
                 category=category,
@@ -153,6 +167,12 @@ def eval_command(
     console.print(f"Report: {report_path}\nROC curves: {plot_path}\nSession logs: {out_dir / 'eval.log'}")
 
 
+def _describe(aggregate: str) -> str:
+    if aggregate in ("mean", "max"):
+        return f"{aggregate} over the reasoning tokens"
+    return f"peak of {aggregate} over the reasoning tokens (full windows), thresholds calibrated for {aggregate}"
+
+
 def _fmt(value: float | None) -> str:
     return "-" if value is None else f"{value:.3f}"
 
@@ -162,7 +182,7 @@ def _print_table(console: Console, report: Report) -> None:
 
     table = Table(
         title=f"{report.dataset.path}: {report.n_items} items, model {report.model_id} ({report.model_revision}), "
-        f"item score = {report.aggregate} over the reasoning tokens",
+        f"item score = {_describe(report.aggregate)}",
         title_justify="left",
     )
     for column in ("detector", "pos / neg", "AUROC", "recall@1%FPR", "recall@5%FPR", "threshold", "TP / FP / TN / FN"):
@@ -179,3 +199,8 @@ def _print_table(console: Console, report: Report) -> None:
             f"{c.tp} / {c.fp} / {c.tn} / {c.fn}" if c else "-",
         )
     console.print(table)
+    if any(r.confusion is None and r.auroc is not None for r in report.detectors):
+        console.print(
+            f"threshold '-': no threshold calibrated for the item score {report.aggregate!r}; "
+            "--aggregate with a statistic the policy uses (e.g. mean@16) counts what it would flag"
+        )

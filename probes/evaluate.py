@@ -2,9 +2,11 @@
 
 Each item's text is teacher-forced as the model's chain of thought (after its messages) through
 a `Pipeline` with no policy rules, so the scores are exactly those a live stream would get.
-A detector's per-token scores over the reasoning tokens become one item score (their mean, as
-in probe training, or their max); AUROC, recall at a fixed false-positive rate and the
-confusion matrix at the detector's calibrated threshold follow from those item scores.
+A detector's per-token scores over the reasoning tokens become one item score: their mean (as in
+probe training), their max, or the peak of a policy statistic such as `mean@16` (the highest mean
+over 16 consecutive tokens: what a rule `{stat: mean, window: 16, min_scores: 16}` compares).
+AUROC, recall at a fixed false-positive rate and the confusion matrix at the detector's threshold
+calibrated for that same statistic follow from those item scores.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import math
 from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -29,10 +31,12 @@ from monitor.engine.text import THINK_OPEN
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.server.serve import NO_RULES
-from monitor.types import DetectorSpec, Transcript
+from monitor.types import STAT_SEPARATOR, DetectorSpec, Transcript
+from probes.calibrate import parse_statistic, peaks
 from probes.datasets import NO_PROMPT, LabelledText
 
-Aggregate = Literal["mean", "max"]
+Aggregate = str
+"""`mean` or `max` over an item's reasoning tokens, or a statistic's peak: `last`, `mean@N`, `ema@N`, `max@N`."""
 TARGET_FPRS = (0.01, 0.05)
 
 
@@ -81,7 +85,7 @@ class DetectorResult:
     n_positive: int
     n_negative: int
     n_unscored: int
-    """Items without any scored reasoning token (left out of every metric)."""
+    """Items without any scored reasoning token, or too short for the statistic's window (left out of every metric)."""
     auroc: float | None
     recall_at_fpr: Mapping[float, float | None]
     """Best true-positive rate with a false-positive rate <= each target (0.01, 0.05)."""
@@ -159,15 +163,48 @@ def parse_detector_spec(value: str, kinds: Collection[str]) -> DetectorSpec:
 UNAVAILABLE = "judge_unavailable"  # a failure marker, never a score of the text
 
 
+def check_aggregate(aggregate: str) -> Aggregate:
+    """`aggregate` if it names a way to score an item, else a ValueError saying what does."""
+    if aggregate not in ("mean", "max"):
+        try:
+            parse_statistic(aggregate)
+        except ValueError as exc:
+            raise ValueError(f"{exc} (or mean / max over all reasoning tokens)") from None
+    return aggregate
+
+
+def reduce_scores(scores: Sequence[float], aggregate: Aggregate) -> float | None:
+    """One item score from its per-token scores, in token order; None when a statistic's window
+    never fills (an item shorter than the window, which a full-window rule never flags)."""
+    if aggregate == "mean":
+        return float(sum(scores) / len(scores))
+    if aggregate == "max":
+        return float(max(scores))
+    (peak,) = peaks([np.asarray(scores, dtype=np.float64)], aggregate)
+    return float(peak) if math.isfinite(peak) else None
+
+
 def item_score(transcript: Transcript, aggregate: Aggregate, category: str | None = None) -> dict[str, float]:
     """Each detector's scores over the transcript's reasoning tokens (of one category, when given), as one number."""
     reasoning = {s.index for s in transcript.steps if s.channel == "reasoning"}
     scores: dict[str, list[float]] = {}
-    for det in transcript.detections:
+    for det in sorted(transcript.detections, key=lambda d: d.start):
         if det.start in reasoning and det.category != UNAVAILABLE and category in (None, det.category):
             scores.setdefault(det.detector, []).append(det.score)
-    reduce = max if aggregate == "max" else (lambda v: sum(v) / len(v))
-    return {name: float(reduce(v)) for name, v in scores.items()}
+    reduced = {name: reduce_scores(v, aggregate) for name, v in scores.items()}
+    return {name: value for name, value in reduced.items() if value is not None}
+
+
+def threshold_for(thresholds: Mapping[str, float | None], name: str, aggregate: Aggregate) -> float | None:
+    """The detector's calibrated threshold that means for this item score what it means in a policy:
+    the per-token one for `max` / `last` / `max@N` (a session's peak of them is its highest token);
+    the one calibrated for a statistic for that statistic. A detector calibrated per token only uses
+    its one threshold for everything, as a policy does; a probe calibrated per statistic has no
+    threshold for a whole-item `mean` (None: no confusion matrix)."""
+    per_statistic = {k.split(STAT_SEPARATOR, 1)[1]: v for k, v in thresholds.items() if k.startswith(name + STAT_SEPARATOR)}
+    if aggregate in ("max", "last") or aggregate.startswith("max@") or not per_statistic:
+        return thresholds.get(name)
+    return per_statistic.get(aggregate)
 
 
 async def score_items(
@@ -251,19 +288,21 @@ def evaluate(
 ) -> Report:
     """Score `items` with the detectors of `specs` on `engine` and measure each detector.
 
-    The confusion matrix compares the item score with the detector's calibrated token-level
-    threshold: with `max` that is "some reasoning token reached it" (what a single-token policy
-    rule would flag); with `mean`, the item's mean score reached it. Runs its own event loop:
-    async callers build a `Pipeline` and await `score_items` instead.
+    The confusion matrix compares the item score with the detector's threshold for the same
+    statistic (`threshold_for`): with `max` that is "some reasoning token reached the per-token
+    threshold"; with `mean@16`, "some full window of 16 reached the mean@16 threshold" (what the
+    policy rule would flag). Runs its own event loop: async callers build a `Pipeline` and await
+    `score_items` instead.
     """
     if not specs:
         raise DetectorError("no detectors to evaluate")
+    check_aggregate(aggregate)
     # A fresh metric registry: an evaluation must not show up in the process's live metrics.
     pipeline = Pipeline(
         engine, specs, NO_RULES, registry=registry, metrics=metrics or Metrics(CollectorRegistry()), base_dir=base_dir
     )
     scored = asyncio.run(score_items(pipeline, items, aggregate, progress, category))
-    results = tuple(summarise(spec, scored, pipeline.thresholds.get(spec.name)) for spec in pipeline.specs)
+    results = tuple(summarise(spec, scored, threshold_for(pipeline.thresholds, spec.name, aggregate)) for spec in pipeline.specs)
     info = engine.info
     return Report(dataset, info.model_id, info.revision, aggregate, len(items), results, tuple(scored))
 

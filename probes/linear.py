@@ -44,11 +44,23 @@ class ProbeMetadata:
     layer: int
     d_model: int
     threshold: float
-    """Score at which the false-positive rate on the control set is `target_fpr`."""
+    """Per-token threshold: a benign session has a token at or above it at rate `target_fpr` (calibrated
+    on the model's own benign text; older artifacts: a token does, on the control set)."""
     target_fpr: float
     training_data: list[str] = field(default_factory=list)
     metrics: dict[str, float] = field(default_factory=dict)
+    calibration: dict[str, Any] = field(default_factory=dict)
+    """How the thresholds were set and what they do (probes.calibrate): `unit` (session), `target_fpr`,
+    `texts` (what they were set on), and per statistic (`last`, `mean@16` ...) its `threshold`,
+    `calibration_n`, `heldapart_fpr`, `heldapart_n`, `recall`, `recall_n`. Empty: per-token only."""
+    layers: list[dict[str, float]] = field(default_factory=list)
+    """Training's per-layer results: layer, c, train_auroc, val_auroc."""
     format: str = FORMAT
+
+    def statistic_thresholds(self) -> dict[str, float]:
+        """Statistic -> calibrated threshold, for the windowed statistics (`last` is `threshold`)."""
+        stats = self.calibration.get("statistics", {})
+        return {key: float(value["threshold"]) for key, value in stats.items() if key != "last"}
 
 
 @dataclass(frozen=True)
@@ -177,10 +189,21 @@ def _parse_meta(raw: Any, source: Path) -> ProbeMetadata:
     for key in ("threshold", "target_fpr"):
         if not 0.0 <= raw[key] <= 1.0:
             raise ProbeArtifactError(f"{source}: field {key!r} must be within [0, 1], got {raw[key]}")
-    unknown = set(raw) - set(kinds) - {"format"}
+    optional = {"calibration": dict, "layers": list}
+    for key, kind in optional.items():
+        if key in raw and not isinstance(raw[key], kind):
+            raise ProbeArtifactError(f"{source}: field {key!r} has the wrong type ({type(raw[key]).__name__})")
+    statistics = raw.get("calibration", {}).get("statistics", {})
+    if not isinstance(statistics, Mapping):
+        raise ProbeArtifactError(f"{source}: field 'calibration.statistics' must map statistics to their calibration")
+    for key, value in statistics.items():
+        threshold = value.get("threshold") if isinstance(value, Mapping) else None
+        if not isinstance(threshold, int | float) or isinstance(threshold, bool) or not 0.0 <= threshold <= 1.0:
+            raise ProbeArtifactError(f"{source}: field 'calibration.statistics.{key}.threshold' must be a number in [0, 1]")
+    unknown = set(raw) - set(kinds) - set(optional) - {"format"}
     if unknown:
         raise ProbeArtifactError(f"{source}: unknown field(s) {', '.join(sorted(unknown))}")
-    return ProbeMetadata(**{key: raw[key] for key in (*kinds, "format")})
+    return ProbeMetadata(**{key: raw[key] for key in (*kinds, *optional, "format") if key in raw})
 
 
 def _sigmoid(x: float) -> float:
@@ -205,7 +228,8 @@ class ProbeDetector:
         self._evidence = (
             Evidence(
                 label="linear probe",
-                detail=f"layer {probe.meta.layer}, threshold {probe.meta.threshold:.3f} at {probe.meta.target_fpr:.0%} FPR",
+                detail=f"layer {probe.meta.layer}, threshold {probe.meta.threshold:.3f} at {probe.meta.target_fpr:.0%} FPR"
+                + (" per session" if probe.meta.calibration else ""),
             ),
         )
 
@@ -229,6 +253,9 @@ class ProbeDetector:
 
     def calibrated_threshold(self) -> float | None:
         return self.probe.meta.threshold
+
+    def calibrated_thresholds(self) -> Mapping[str, float]:
+        return self.probe.meta.statistic_thresholds()
 
     async def observe(self, step: TraceStep) -> Sequence[Detection]:
         if step.channel not in self._channels:

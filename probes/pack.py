@@ -8,36 +8,62 @@ with progress on stderr, and later starts load them from the cache.
 from __future__ import annotations
 
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 from rich.console import Console
 
 from monitor.engine.hf import HFEngine
-from probes.train_run import BUNDLED, default_layers, train_bundled
+from probes.train_run import BUNDLED, train_pack
 
 
-def pack_dir(root: Path, engine: HFEngine) -> Path:
-    """Where the pack of this model id and revision lives under `root`."""
+def pack_dir(root: Path, engine: HFEngine, tag: str = "") -> Path:
+    """Where the pack of this model id and revision lives under `root` (`tag`: non-default training)."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
-    return root / f"{slug}@{engine.info.revision}"
+    return root / f"{slug}@{engine.info.revision}{tag}"
 
 
-def default_pack(engine: HFEngine, root: Path, *, limit: int | None = 300, seed: int = 0) -> Path:
-    """A directory holding the deception and harmful-planning probes for `engine`'s model."""
-    directory = pack_dir(root, engine)
-    console = Console(file=sys.stderr, highlight=False)
-    for kind, (name, *_rest) in BUNDLED.items():
-        if (directory / f"{name}.json").exists() and (directory / f"{name}.safetensors").exists():
-            continue
-        console.print(f"training the default {name} for {engine.info.model_id} (cached in {directory})")
-        train_bundled(
-            console,
-            engine,
-            kind,
-            directory,
-            layers=default_layers(engine.info.n_layers),
-            seed=seed,
-            limit=limit,
-            cache_dir=root / "activations",
+def default_pack(
+    engine: HFEngine,
+    root: Path,
+    *,
+    limit: int | None = 300,
+    layers: Sequence[int] | None = None,
+    seed: int = 0,
+    benign_limit: int | None = None,
+    console: Console | None = None,
+    tables: bool = True,
+) -> Path:
+    """A directory holding the deception and harmful-planning probes for `engine`'s model, trained
+    and calibrated on first use (`probes.train_run.train_pack`), loaded from `root` afterwards.
+    A non-default `limit`, `layers`, `seed` or `benign_limit` gets a pack of its own. Progress and the training tables
+    go to `console` (stderr by default; `tables=False`: progress only, for callers that print the
+    artifacts' tables themselves)."""
+    tag = "".join(
+        part
+        for part, default in (
+            (f"-limit{limit}", limit == 300),
+            (f"-layers{'_'.join(map(str, layers or ()))}", not layers),
+            (f"-seed{seed}", seed == 0),
+            (f"-benign{benign_limit}", benign_limit is None),
         )
+        if not default
+    )
+    directory = pack_dir(root, engine, tag)
+    names = [name for name, *_rest in BUNDLED.values()]
+    if all((directory / f"{n}.json").exists() and (directory / f"{n}.safetensors").exists() for n in names):
+        return directory
+    console = console or Console(file=sys.stderr, highlight=False)
+    console.print(f"training the default probes for {engine.info.model_id} (once; cached in {directory})")
+    train_pack(
+        console,
+        engine,
+        directory,
+        layers=layers,
+        seed=seed,
+        limit=limit,
+        benign_limit=benign_limit,
+        cache_dir=root,
+        tables=tables,
+    )
     return directory

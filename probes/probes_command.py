@@ -14,7 +14,9 @@ def probes() -> None:
 
 
 @probes.command("train")
-@click.option("--model", default=None, help="Hub id, local path, or `tiny` [tiny].")
+@click.option(
+    "--model", default=None, help="smollm2 (the embedded real model), a .gguf file, a hub id or local path, or tiny [smollm2]."
+)
 @click.option(
     "--dataset",
     required=True,
@@ -28,20 +30,27 @@ def probes() -> None:
     "control_path",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
     default=None,
-    help="Benign texts to calibrate the threshold on (every row counts as negative; --text-field names its text).",
+    help="Benign texts to calibrate the thresholds on instead of the model's own text for the bundled benign prompts "
+    "(every row is benign; half set the thresholds, half measure them; --text-field names its text).",
 )
 @click.option("--layers", default=None, help="Comma-separated layers to try, e.g. 8,12,16 [a few middle layers].")
 @click.option("--name", default=None, help="Probe (detector) name [deception_probe / harmful_probe / the file's stem].")
 @click.option("--category", default=None, help="Category it detects [deception / harmful_planning / the name].")
 @click.option("--target-fpr", type=float, default=0.01, show_default=True, help="False-positive rate the threshold is set at.")
 @click.option("--limit", type=int, default=None, help="Use at most this many rows per label (bundled) or in all (files).")
+@click.option(
+    "--calibration-limit",
+    type=int,
+    default=None,
+    help="Calibrate on this many of the 600 bundled benign prompts' sessions (quicker, coarser thresholds) [all].",
+)
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), required=True, help="Directory for the artifact.")
 @click.option(
     "--cache",
     "cache_dir",
     type=click.Path(file_okay=False, path_type=Path),
     default=None,
-    help="Activation cache (resumable) [.cotmon/activations].",
+    help="Cache folder: extracted activations (resumable) and generated benign text [.cotmon].",
 )
 @click.option("--device", default=None, help="auto, cpu, cuda, ...")
 @click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
@@ -53,7 +62,11 @@ def train(**o: object) -> None:
 
     Activations of every text are cached on disk as they are extracted, so an interrupted run
     resumes and a re-run is fast. The layer is chosen by validation AUROC (texts held out by
-    group); the threshold gives --target-fpr on the control set (or the negative validation texts).
+    group). Thresholds are then calibrated per statistic a policy can use (last token, mean and
+    EMA over windows) on the model's own reasoning for bundled benign prompts (generated once and
+    cached; bundled for smollm2), so that --target-fpr of benign sessions would be flagged; the
+    table shows each threshold's false-positive rate on benign sessions held apart from setting it
+    and its recall on held-out positive texts.
     """
     from probes.train_run import run_training
 

@@ -24,6 +24,7 @@ from sklearn.model_selection import GroupKFold
 from sklearn.preprocessing import StandardScaler
 
 from monitor.engine.hf import HFEngine
+from monitor.types import ChatMessage
 from probes.datasets import LabelledText
 from probes.linear import LinearProbe, ProbeMetadata
 
@@ -47,6 +48,19 @@ class LayerResult:
     val_auroc: float
     c: float
     """Inverse regularisation strength chosen by cross-validation."""
+
+    def to_dict(self) -> dict[str, float]:
+        return {"layer": self.layer, "c": self.c, "train_auroc": self.train_auroc, "val_auroc": self.val_auroc}
+
+
+@dataclass(frozen=True)
+class TrainedProbe:
+    """A trained probe, its per-layer results, and its token scores on held-out positive texts."""
+
+    probe: LinearProbe
+    results: list[LayerResult]
+    positives: list[npt.NDArray[np.float64]]
+    """Token scores of each positive validation text (never trained on), to measure recall."""
 
 
 class ActivationCache:
@@ -80,6 +94,28 @@ class ActivationCache:
         tmp.replace(path)  # atomic: a killed run never leaves a half-written entry
 
 
+BATCH = 16
+"""Texts teacher-forced in one forward (`HFEngine.capture_many`)."""
+
+
+def capture_all(
+    engine: HFEngine,
+    items: Sequence[tuple[Sequence[ChatMessage], str]],
+    layers: Sequence[int],
+    progress: Progress | None = None,
+) -> list[dict[int, npt.NDArray[np.float32]]]:
+    """Activations of each (messages, text), BATCH at a time, texts of similar length together."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i][1]))
+    found: dict[int, dict[int, npt.NDArray[np.float32]]] = {}
+    for start in range(0, len(order), BATCH):
+        chunk = order[start : start + BATCH]
+        for i, acts in zip(chunk, engine.capture_many([items[i] for i in chunk], layers), strict=True):
+            found[i] = {layer: t.numpy() for layer, t in acts.items()}
+        if progress:
+            progress(len(chunk))
+    return [found[i] for i in range(len(items))]
+
+
 def extract(
     engine: HFEngine,
     items: Sequence[LabelledText],
@@ -90,19 +126,23 @@ def extract(
     """Teacher-force each text after its messages and keep its tokens' activations."""
     chunks: dict[int, list[npt.NDArray[np.float32]]] = {layer: [] for layer in layers}
     labels, owner = [], []
+    cached = [cache.get(item) if cache is not None else None for item in items]
+    missing = [i for i, acts in enumerate(cached) if acts is None]
+    if progress and len(missing) < len(items):
+        progress(len(items) - len(missing))
+    computed = capture_all(engine, [(items[i].messages, items[i].text) for i in missing], layers, progress)
+    for i, acts in zip(missing, computed, strict=True):
+        cached[i] = acts
+        if cache is not None:
+            cache.put(items[i], acts)
     for i, item in enumerate(items):
-        acts = cache.get(item) if cache is not None else None
-        if acts is None:
-            acts = {layer: t.numpy() for layer, t in engine.capture(item.messages, item.text, layers).items()}
-            if cache is not None:
-                cache.put(item, acts)
+        acts = cached[i]
+        assert acts is not None
         n = acts[layers[0]].shape[0]
         for layer in layers:
             chunks[layer].append(acts[layer])
         labels.append(np.full(n, item.label))
         owner.append(np.full(n, i))
-        if progress:
-            progress(1)
     return Activations(
         {layer: np.concatenate(parts).astype(np.float32) for layer, parts in chunks.items()},
         np.concatenate(labels).astype(np.int64),
@@ -112,28 +152,43 @@ def extract(
 
 REGULARISATION = (0.001, 0.01, 0.1, 1.0, 10.0)
 """Inverse L2 strengths tried by cross-validation."""
+SEARCH_TOKENS = 12_000
+"""Tokens (whole texts, seeded) the strength is searched on; the chosen strength is then fit on all."""
 
 
 def fit(
     x: npt.NDArray[np.float32], y: npt.NDArray[np.int64], groups: npt.NDArray[np.int64], seed: int = 0
 ) -> tuple[StandardScaler, LogisticRegression]:
-    """Standardise, pick C by 3-fold cross-validation grouped by text (token AUROC), then refit."""
+    """Standardise, pick C by 3-fold cross-validation grouped by text (token AUROC) on at most
+    `SEARCH_TOKENS` tokens, then fit that C on every token."""
     scaler = StandardScaler().fit(x)
     z = scaler.transform(x)
     folds = min(3, len(np.unique(groups)))
     if folds < 2 or len(np.unique(y)) < 2:
         return scaler, LogisticRegression(C=1.0, max_iter=2000, random_state=seed).fit(z, y)
+    rows = _search_rows(groups, seed)
     search = LogisticRegressionCV(
         Cs=list(REGULARISATION),
-        cv=list(GroupKFold(n_splits=folds).split(z, y, groups)),
+        cv=list(GroupKFold(n_splits=folds).split(z[rows], y[rows], groups[rows])),
         scoring="roc_auc",
         max_iter=2000,
         random_state=seed,
-        refit=True,
+        refit=False,
         l1_ratios=(0.0,),  # plain L2
         use_legacy_attributes=False,
-    ).fit(z, y)
-    return scaler, search
+    ).fit(z[rows], y[rows])
+    c = float(np.ravel(search.C_)[0])
+    return scaler, LogisticRegression(C=c, max_iter=2000, random_state=seed).fit(z, y)
+
+
+def _search_rows(groups: npt.NDArray[np.int64], seed: int) -> npt.NDArray[np.int64]:
+    """Rows of whole groups (texts), in a seeded order, until `SEARCH_TOKENS` are taken (all if fewer)."""
+    if len(groups) <= SEARCH_TOKENS:
+        return np.arange(len(groups))
+    order = np.random.default_rng(seed).permutation(np.unique(groups))
+    sizes = np.bincount(np.searchsorted(np.unique(groups), groups))[np.searchsorted(np.unique(groups), order)]
+    chosen = order[: max(2, int(np.searchsorted(np.cumsum(sizes), SEARCH_TOKENS)))]
+    return np.flatnonzero(np.isin(groups, chosen))
 
 
 def to_probe(scaler: StandardScaler, model: LogisticRegression, meta: ProbeMetadata) -> LinearProbe:
@@ -196,11 +251,12 @@ def train_probe(
     seed: int = 0,
     cache_dir: Path | None = None,
     progress: Progress | None = None,
-) -> tuple[LinearProbe, list[LayerResult]]:
-    """Train one probe per layer, keep the best by validation AUROC, calibrate its threshold.
+) -> TrainedProbe:
+    """Train one probe per layer, keep the best by validation AUROC, set a first per-token threshold.
 
-    The threshold is set on `control` (benign texts; every token counts as a negative) when
-    given, else on the negative validation texts.
+    That threshold is set on `control` (benign texts; every token counts as a negative) when given,
+    else on the negative validation texts; `probes.calibrate.calibrate_on_policy` then replaces it
+    with thresholds per statistic set on the model's own benign sessions.
     """
     cache = ActivationCache(cache_dir, engine, layers) if cache_dir is not None else None
     train_items, val_items = split_by_group(items, val_fraction, seed)
@@ -217,7 +273,7 @@ def train_probe(
                 layer,
                 item_auroc(train_scores, train),
                 item_auroc(val_scores, val),
-                float(np.ravel(model.C_)[0]) if hasattr(model, "C_") else float(model.C),
+                float(model.C),
             )
         )
     best = max(results, key=lambda r: (np.nan_to_num(r.val_auroc, nan=-1.0), -r.layer))
@@ -240,6 +296,7 @@ def train_probe(
         threshold=threshold,
         target_fpr=target_fpr,
         training_data=[*training_data, f"threshold calibrated per token on the {calibrated_on}"],
+        layers=[r.to_dict() for r in results],
         metrics={
             "train_auroc": best.train_auroc,
             "val_auroc": best.val_auroc,
@@ -250,4 +307,6 @@ def train_probe(
             "calibration_token_fpr": float(np.mean(negative_scores >= threshold)),
         },
     )
-    return to_probe(scaler, model, meta), results
+    val_scores = model.predict_proba(scaler.transform(val.by_layer[best.layer]))[:, 1]
+    positives = [val_scores[val.item == i] for i in np.unique(val.item[val.labels == 1])]
+    return TrainedProbe(to_probe(scaler, model, meta), results, positives)

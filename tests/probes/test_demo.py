@@ -11,16 +11,18 @@ from monitor.cli import main
 
 
 def test_demo_runs_the_whole_loop_and_prints_the_tables(tmp_path: Path) -> None:
-    result = CliRunner().invoke(main, ["demo", "--exit", "--contrast-limit", "60", "--out", str(tmp_path)])
+    args = ["demo", "--model", "tiny", "--exit", "--contrast-limit", "60", "--calibration-limit", "60"]
+    result = CliRunner().invoke(main, [*args, "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     out = result.output
     assert "per-layer AUROC" in out and "Example transcripts" in out and "AUROC on the held-back test split" in out
     assert "Live generation" in out and "cotmon_tokens_total" in out and "/v1 (OpenAI-compatible)" in out
-    assert "finish_reason length" in out
+    assert "finish_reason length" in out and "random weights" in out and "What the policy flagged" in out
     assert "Next:" not in out  # --exit skips the what-to-try-next notes
-    demo_dir = tmp_path / "demo"
+    (pack,) = (tmp_path / "probes").glob("tiny@*-limit60-benign60")
     for name in ("deception_probe", "harmful_probe"):
-        meta = json.loads((demo_dir / "probes" / f"{name}.json").read_text())
-        assert meta["model_id"] == "tiny" and meta["target_fpr"] == 0.01
+        meta = json.loads((pack / f"{name}.json").read_text())
+        assert meta["model_id"] == "tiny" and meta["target_fpr"] == 0.01 and meta["calibration"]["unit"] == "session"
+    demo_dir = tmp_path / "demo"
     sessions = [json.loads(line) for line in (demo_dir / "cotmon.log").read_text().splitlines()]
     assert sum(1 for s in sessions if s.get("event") == "session") == 48 + 1

@@ -17,7 +17,7 @@ from monitor.cli import main
 from monitor.engine.hf import HFEngine
 from monitor.types import ChatMessage, DetectorSpec
 from probes.datasets import NO_PROMPT, LabelledText
-from probes.evaluate import DatasetRef, ItemScore, evaluate, summarise
+from probes.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, summarise, threshold_for
 from probes.linear import load_probe
 
 TEXTS = (
@@ -84,23 +84,49 @@ def test_item_scores_are_the_reasoning_token_scores_of_the_host_reference(
     messages = (ChatMessage("user", "Did the tests pass?"),)
     items = [LabelledText(str(i), messages, text, label, str(i)) for i, (text, label) in enumerate(TEXTS)]
     spec = DetectorSpec("linear_probe", "p", {"artifact": str(stem)})
-    reports = {agg: evaluate(engine, [spec], items, DatasetRef("mem"), aggregate=agg) for agg in ("mean", "max")}
-    for item, got_mean, got_max in zip(items, reports["mean"].items, reports["max"].items, strict=True):
+    aggregates = ("mean", "max", "mean@3")
+    reports = {agg: evaluate(engine, [spec], items, DatasetRef("mem"), aggregate=agg) for agg in aggregates}
+    for item, got_mean, got_max, got_window in zip(items, *(reports[a].items for a in aggregates), strict=True):
         forced = item.text if opens_reasoning else "<think>\n" + item.text
         acts = engine.capture(item.messages, forced, [2])[2].numpy()
         token_scores = 1 / (1 + np.exp(-probe.logits(acts)))
         assert got_mean.scores["p"] == pytest.approx(float(token_scores.mean()), abs=1e-5)
         assert got_max.scores["p"] == pytest.approx(float(token_scores.max()), abs=1e-5)
+        windows = np.convolve(token_scores, np.ones(3) / 3, mode="valid")
+        assert got_window.scores["p"] == pytest.approx(float(windows.max()), abs=1e-5)
     result = reports["mean"].detectors[0]
     assert (result.n_positive, result.n_negative, result.n_unscored) == (3, 3, 0)
     assert result.confusion is not None and result.confusion.threshold == probe.meta.threshold
+
+
+def test_a_statistic_scores_an_item_by_its_peak_over_full_windows() -> None:
+    scores = [0.9, 0.1, 0.1, 0.6, 0.8, 0.7, 0.1]
+    assert reduce_scores(scores, "mean@3") == pytest.approx(0.7)  # 0.6, 0.8, 0.7: not the 0.9 alone
+    assert reduce_scores(scores, "last") == reduce_scores(scores, "max") == pytest.approx(0.9)
+    assert reduce_scores(scores, "mean") == pytest.approx(sum(scores) / 7)
+    assert reduce_scores(scores, "mean@8") is None  # never a full window: a full-window rule never fires
+    with pytest.raises(ValueError, match="median@3"):
+        evaluate(None, [DetectorSpec("linear_probe", "p")], [], DatasetRef("mem"), aggregate="median@3")  # type: ignore[arg-type]
+
+
+def test_the_confusion_threshold_is_the_one_calibrated_for_the_statistic() -> None:
+    per_statistic = {"p": 0.99, "p:mean@16": 0.7, "p:ema@16": 0.6, "q": 0.5}
+    assert threshold_for(per_statistic, "p", "mean@16") == 0.7
+    assert threshold_for(per_statistic, "p", "ema@16") == 0.6
+    assert threshold_for(per_statistic, "p", "max") == threshold_for(per_statistic, "p", "last") == 0.99
+    assert threshold_for(per_statistic, "p", "max@8") == 0.99  # a window's max peaks at the highest token
+    assert threshold_for(per_statistic, "p", "mean") is None  # nothing was calibrated for a whole-item mean
+    assert threshold_for(per_statistic, "p", "mean@32") is None
+    assert threshold_for(per_statistic, "q", "mean@16") == 0.5  # per-token only: one threshold, as in a policy
 
 
 def test_eval_writes_a_report_and_a_roc_png(make_probe: ProbeFactory, tmp_path: Path) -> None:
     stem = make_probe(name="deception_probe")
     dataset = _write_csv(tmp_path / "items.csv", [{"text": t, "label": str(y)} for t, y in TEXTS])
     out = tmp_path / "eval"
-    result = CliRunner().invoke(main, ["eval", "--detector", str(stem), "--dataset", str(dataset), "--out", str(out)])
+    result = CliRunner().invoke(
+        main, ["eval", "--model", "tiny", "--detector", str(stem), "--dataset", str(dataset), "--out", str(out)]
+    )
     assert result.exit_code == 0, result.output
     assert "AUROC" in result.output and "deception_probe" in result.output and str(out / "report.json") in result.output
     report = json.loads((out / "report.json").read_text())
@@ -119,7 +145,7 @@ def test_eval_json_prints_only_the_report_with_per_detector_fields(make_probe: P
     dataset = tmp_path / "items.jsonl"
     dataset.write_text("".join(json.dumps(r) + "\n" for r in rows))
     inline = json.dumps({"kind": "linear_probe", "name": "p_max", "args": {"artifact": str(stem)}})
-    args = ["eval", "--detector", str(stem) + ".json", "--detector", inline, "--dataset", str(dataset)]
+    args = ["eval", "--model", "tiny", "--detector", str(stem) + ".json", "--detector", inline, "--dataset", str(dataset)]
     args += ["--text-field", "cot.text", "--label-field", "verdict", "--positive", "faking", "--aggregate", "max"]
     result = CliRunner().invoke(main, [*args, "--limit", "4", "--out", str(tmp_path / "out"), "--json"])
     assert result.exit_code == 0, result.output
@@ -134,9 +160,26 @@ def test_eval_json_prints_only_the_report_with_per_detector_fields(make_probe: P
     assert by_name["p"]["auroc"] == by_name["p_max"]["auroc"]  # same artifact, same scores
 
 
+def test_an_unknown_aggregate_is_a_usage_error(make_probe: ProbeFactory, tmp_path: Path) -> None:
+    dataset = _write_csv(tmp_path / "items.csv", [{"text": t, "label": str(y)} for t, y in TEXTS])
+    args = ["eval", "--model", "tiny", "--detector", str(make_probe()), "--dataset", str(dataset), "--aggregate", "mean@x"]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 2 and "--aggregate" in result.output and "mean@x" in result.output
+
+
 def test_a_missing_label_field_is_an_error_naming_file_and_field(make_probe: ProbeFactory, tmp_path: Path) -> None:
     dataset = _write_csv(tmp_path / "items.csv", [{"text": t, "label": str(y)} for t, y in TEXTS])
-    args = ["eval", "--detector", str(make_probe()), "--dataset", str(dataset), "--label-field", "is_deceptive"]
+    args = [
+        "eval",
+        "--model",
+        "tiny",
+        "--detector",
+        str(make_probe()),
+        "--dataset",
+        str(dataset),
+        "--label-field",
+        "is_deceptive",
+    ]
     result = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "out")])
     assert result.exit_code == 1
     assert f"{dataset}:2: missing field 'is_deceptive'" in result.output and "Traceback" not in result.output
@@ -144,6 +187,6 @@ def test_a_missing_label_field_is_an_error_naming_file_and_field(make_probe: Pro
 
 def test_an_unknown_detector_spec_is_an_error_listing_the_kinds(tmp_path: Path) -> None:
     dataset = _write_csv(tmp_path / "items.csv", [{"text": "hello", "label": "1"}])
-    result = CliRunner().invoke(main, ["eval", "--detector", "no_such_thing", "--dataset", str(dataset)])
+    result = CliRunner().invoke(main, ["eval", "--model", "tiny", "--detector", "no_such_thing", "--dataset", str(dataset)])
     assert result.exit_code == 1
     assert "'no_such_thing'" in result.output and "linear_probe" in result.output and "Traceback" not in result.output
