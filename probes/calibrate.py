@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -28,6 +29,11 @@ FloatArray = npt.NDArray[np.float64]
 STATISTICS = ("last", "mean@8", "mean@16", "mean@32", "mean@64", "ema@16", "ema@32")
 """Statistics calibrated by default, named as `monitor.policy.stat_key` names a condition's: a
 windowed one over full windows (`min_scores` = `window` in a policy)."""
+
+
+CHECK_FPR = 0.05
+"""A second target, recorded beside the policy's: ~190 held-apart sessions hold about 2 false
+positives at 1%, too few to tell a rate from its double or half; at 5% they hold about 10."""
 
 
 def parse_statistic(key: str) -> tuple[str, int]:
@@ -172,12 +178,18 @@ def calibrate_on_policy(
     for t in trained:
         name = t.probe.meta.name
         stats = {k: calibrate_statistic(k, calibration[name], heldapart[name], t.positives, target_fpr) for k in statistics}
-        record = {
+        record: dict[str, Any] = {
             "unit": "session",
             "target_fpr": target_fpr,
             "texts": benign.source,
             "statistics": {k: s.to_dict() for k, s in stats.items()},
         }
+        if target_fpr < CHECK_FPR:  # the same statistics set at a target the held-apart n can resolve
+            check = {k: calibrate_statistic(k, calibration[name], heldapart[name], [], CHECK_FPR) for k in statistics}
+            record["check"] = {
+                "target_fpr": CHECK_FPR,
+                "statistics": {k: {"threshold": c.threshold, "heldapart_fpr": c.heldapart_fpr} for k, c in check.items()},
+            }
         training_data = [*t.probe.meta.training_data[:-1], f"thresholds calibrated per session on {benign.source}"]
         meta = replace(
             t.probe.meta,

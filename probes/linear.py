@@ -52,7 +52,9 @@ class ProbeMetadata:
     calibration: dict[str, Any] = field(default_factory=dict)
     """How the thresholds were set and what they do (probes.calibrate): `unit` (session), `target_fpr`,
     `texts` (what they were set on), and per statistic (`last`, `mean@16` ...) its `threshold`,
-    `calibration_n`, `heldapart_fpr`, `heldapart_n`, `recall`, `recall_n`. Empty: per-token only."""
+    `calibration_n`, `heldapart_fpr`, `heldapart_n`, `recall`, `recall_n`; `check`: the same set at a
+    5% target (its `target_fpr`, and per statistic `threshold`, `heldapart_fpr`), a rate the held-apart
+    n can resolve. Empty: per-token only."""
     layers: list[dict[str, float]] = field(default_factory=list)
     """Training's per-layer results: layer, c, train_auroc, val_auroc."""
     format: str = FORMAT

@@ -60,17 +60,25 @@ def print_calibration_table(console: Console, probe: LinearProbe) -> None:
         f"at any token (calibrated on: {record['texts']})",
         title_justify="left",
     )
-    for col in ("statistic", "threshold", "target FPR", "calibrated on", "FPR held apart (95% CI)", "recall held-out positives"):
+    check = record.get("check", {})
+    columns = ["statistic", "threshold", "target FPR", "calibrated on", "FPR held apart (95% CI)", "recall held-out positives"]
+    if check:
+        columns.append(f"at a {check['target_fpr']:.0%} target: FPR held apart")
+    for col in columns:
         table.add_column(col, justify="left" if col == "statistic" else "right")
     for key, s in record["statistics"].items():
-        table.add_row(
+        n = int(s["heldapart_n"])
+        row = [
             key,
             f"{s['threshold']:.4f}",
             f"{record['target_fpr']:.1%}",
             f"{int(s['calibration_n'])} sessions",
-            _held_apart(s["heldapart_fpr"], int(s["heldapart_n"])),
+            _held_apart(s["heldapart_fpr"], n),
             f"{s['recall']:.1%} of {int(s['recall_n'])}" if s["recall_n"] else "-",
-        )
+        ]
+        if check:
+            row.append(_held_apart(check["statistics"][key]["heldapart_fpr"], n))
+        table.add_row(*row)
     console.print(table)
 
 

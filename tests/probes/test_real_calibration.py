@@ -4,47 +4,63 @@ the bundled benign text is the model's own."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from rich.console import Console
 
 from conftest import ROOT
 from monitor.engine.hf import HFEngine
-from probes.calibrate import calibrate_on_policy
+from probes.calibrate import CHECK_FPR, rate_interval
 from probes.datasets import data_path
-from probes.linear import load_probe
+from probes.linear import LinearProbe, load_probe
 from probes.onpolicy import benign_set, read_jsonl, revision_of
 from probes.pack import default_pack
-from probes.train import TrainedProbe
 
 PACKS = ROOT / ".cotmon" / "probes"
 """The repo's default probe cache, shared with `make demo` and tests/integration/test_serve_default.py."""
-TARGET = 0.05
-"""Per session; with ~190 held-apart sessions 1% would be two sessions, too few to tell a band."""
 
 
 @pytest.fixture(scope="module")
-def calibrated(real_model: HFEngine, tmp_path_factory: pytest.TempPathFactory) -> dict[str, dict[str, float]]:
-    """The default pack's harmful probe (trained once, shared with `make demo` and the serve test),
-    its thresholds set again at TARGET on the model's own benign sessions."""
-    pack = default_pack(real_model, PACKS, console=Console(quiet=True))
-    probe = load_probe(pack / "harmful_probe")
-    assert probe.meta.calibration["texts"] == "probes/data/benign_smollm2.jsonl"
-    benign = benign_set(real_model, tmp_path_factory.mktemp("benign"))
-    (again,) = calibrate_on_policy(real_model, [TrainedProbe(probe, [], [])], benign, target_fpr=TARGET)
-    stats = dict(again.meta.calibration["statistics"])
-    assert {(s["calibration_n"], s["heldapart_n"]) for s in stats.values()} == {(len(benign.calibration), len(benign.heldapart))}
-    assert len(benign.heldapart) >= 180 and not set(map(str, benign.calibration)) & set(map(str, benign.heldapart))
-    return stats
+def pack(real_model: HFEngine) -> dict[str, LinearProbe]:
+    """The default pack (trained and calibrated on the first run, shared with `make demo` and the serve test)."""
+    directory = default_pack(real_model, PACKS, console=Console(quiet=True))
+    return {name: load_probe(directory / name) for name in ("deception_probe", "harmful_probe")}
 
 
-# The statistics the bundled policies use. (`last`, a single token, held apart 2.1% at this 5% target when
-# this was written: per-token peaks are heavy-tailed; it is reported in the pack's table, not asserted.)
+# The statistics the bundled policies use. (`last`, a single token, is heavy-tailed; it is reported in
+# the pack's table, not asserted.)
+@pytest.mark.parametrize("probe", ["deception_probe", "harmful_probe"])
 @pytest.mark.parametrize("statistic", ["mean@8", "mean@16", "mean@32"])
-def test_held_apart_benign_sessions_are_flagged_near_the_target(calibrated: dict[str, dict[str, float]], statistic: str) -> None:
-    s = calibrated[statistic]
-    assert 0.5 * TARGET <= s["heldapart_fpr"] <= 2 * TARGET, s  # both sides: a threshold that never fires fails
-    assert 0.0 < s["threshold"] < 1.0
+def test_held_apart_benign_sessions_are_flagged_near_the_target(pack: dict[str, LinearProbe], probe: str, statistic: str) -> None:
+    record = pack[probe].meta.calibration
+    assert record["texts"] == "probes/data/benign_smollm2.jsonl" and record["unit"] == "session"
+    s = record["statistics"][statistic]
+    assert s["calibration_n"] >= 180 and s["heldapart_n"] >= 180
+    # At the policy's 1% target ~190 sessions hold ~2 false positives: the measured rate must be one
+    # that 1% explains (inside its 95% interval), not a band n cannot resolve ...
+    low, high = rate_interval(s["heldapart_fpr"], int(s["heldapart_n"]))
+    assert low <= record["target_fpr"] <= high, s
+    # ... and at the recorded 5% check, which it can: within [0.5x, 2x] on both sides, so a threshold
+    # that never fires (or fires on everything) fails.
+    check = record["check"]
+    assert check["target_fpr"] == CHECK_FPR
+    fpr = check["statistics"][statistic]["heldapart_fpr"]
+    assert 0.5 * CHECK_FPR <= fpr <= 2 * CHECK_FPR, (statistic, fpr)
+    assert 0.0 < check["statistics"][statistic]["threshold"] <= s["threshold"] < 1.0
+
+
+def test_thresholds_were_set_and_measured_on_separate_benign_sessions(
+    real_model: HFEngine, pack: dict[str, LinearProbe], tmp_path: Path
+) -> None:
+    benign = benign_set(real_model, tmp_path)  # the bundled text: nothing is generated
+    calibration, heldapart, train = ({str(x) for x in part} for part in (benign.calibration, benign.heldapart, benign.train))
+    assert min(len(calibration), len(heldapart), len(train)) >= 180
+    assert not calibration & heldapart and not train & (calibration | heldapart)
+    for probe in pack.values():
+        for s in probe.meta.calibration["statistics"].values():
+            assert (s["calibration_n"], s["heldapart_n"]) == (len(benign.calibration), len(benign.heldapart))
 
 
 def test_the_bundled_benign_text_is_the_real_models_own_generation(real_engine: HFEngine) -> None:
