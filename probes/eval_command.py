@@ -94,13 +94,14 @@ def eval_command(
     if it has one) through the same pipeline as live monitoring; a detector's scores over the
     reasoning tokens become one score per row (--aggregate). Rows are positive when their
     label equals --positive (or is 1/true without it). The confusion matrix is taken at each
-    detector's calibrated threshold, where it has one. Writes report.json and roc.png to --out.
+    detector's threshold calibrated for that item score, where it has one (so --aggregate mean@8
+    counts what a policy rule on mean@8 would flag). Writes report.json and roc.png to --out.
 
     \b
-    Example:
-      cotmon eval --detector .cotmon/demo/probes/deception_probe \\
+    Example (the default pack `make demo` and `cotmon serve` use):
+      cotmon eval --detector .cotmon/probes/smollm2@gguf-b179c9523d0e6a0f/deception_probe \\
         --dataset data/faking.jsonl --text-field text --label-field label \\
-        --positive potential_faking --limit 200
+        --positive potential_faking --aggregate mean@8 --limit 200
     """
     from rich.console import Console
     from rich.progress import Progress

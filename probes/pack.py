@@ -7,6 +7,7 @@ with progress on stderr, and later starts load them from the cache.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,6 +22,19 @@ def pack_dir(root: Path, engine: HFEngine, tag: str = "") -> Path:
     """Where the pack of this model id and revision lives under `root` (`tag`: non-default training)."""
     slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
     return root / f"{slug}@{engine.info.revision}{tag}"
+
+
+def is_current(stem: Path) -> bool:
+    """Whether a cached artifact exists whole and was calibrated the way this version calibrates
+    (per session and statistic, with the 5% check): an older pack is trained again, not served."""
+    meta, weights = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not (meta.is_file() and weights.is_file()):
+        return False
+    try:
+        record = json.loads(meta.read_text(encoding="utf-8")).get("calibration", {})
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(record, dict) and record.get("unit") == "session" and "check" in record
 
 
 def default_pack(
@@ -51,9 +65,12 @@ def default_pack(
     )
     directory = pack_dir(root, engine, tag)
     names = [name for name, *_rest in BUNDLED.values()]
-    if all((directory / f"{n}.json").exists() and (directory / f"{n}.safetensors").exists() for n in names):
+    stale = [n for n in names if not is_current(directory / n)]
+    if not stale:
         return directory
     console = console or Console(file=sys.stderr, highlight=False)
+    if any((directory / f"{n}.json").exists() for n in stale):
+        console.print(f"the cached pack in {directory} predates calibration per statistic with its 5% check: training it again")
     console.print(f"training the default probes for {engine.info.model_id} (once; cached in {directory})")
     train_pack(
         console,

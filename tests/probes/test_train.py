@@ -17,7 +17,7 @@ from monitor.settings import Settings
 from policies import bundled_policy
 from probes.datasets import load_contrast
 from probes.linear import ProbeMetadata
-from probes.pack import default_pack
+from probes.pack import default_pack, is_current
 from probes.train import ActivationCache, calibrate, extract, fit, to_probe
 
 D = 32
@@ -180,6 +180,25 @@ def test_auto_pack_trains_once_then_serve_loads_it_from_the_cache(engine: HFEngi
     pipeline = build_pipeline(settings, bundled_policy("default"))
     assert sorted(s.name for s in pipeline.specs) == ["deception_probe", "harmful_probe"]
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == stamps  # nothing was retrained
+
+
+def test_a_cached_pack_from_before_per_statistic_calibration_is_not_served(tmp_path: Path) -> None:
+    stem = tmp_path / "deception_probe"
+    current = {"calibration": {"unit": "session", "statistics": {}, "check": {"target_fpr": 0.05, "statistics": {}}}}
+    for meta, expected in (
+        (current, True),
+        ({"calibration": {"unit": "session", "statistics": {}}}, False),  # no 5% check: older
+        ({"threshold": 0.9}, False),  # per-token only
+        ([], False),
+    ):
+        stem.with_suffix(".json").write_text(json.dumps(meta))
+        stem.with_suffix(".safetensors").write_bytes(b"")
+        assert is_current(stem) is expected, meta
+    stem.with_suffix(".json").write_text("{not json")
+    assert not is_current(stem)
+    stem.with_suffix(".json").write_text(json.dumps(current))
+    stem.with_suffix(".safetensors").unlink()
+    assert not is_current(stem)  # half a pack
 
 
 def _meta() -> ProbeMetadata:
