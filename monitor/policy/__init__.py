@@ -25,10 +25,12 @@ from monitor.policy.model import (
     calibrated_bound,
     stat_key,
 )
-from monitor.policy.parse import load_policy, parse_policy
+from monitor.policy.parse import MAX_POLICY_BYTES, MAX_POLICY_EXPANDED, load_policy, parse_policy, read_policy_yaml
 
 __all__ = [
     "COMPARISONS",
+    "MAX_POLICY_BYTES",
+    "MAX_POLICY_EXPANDED",
     "STATS",
     "AllOf",
     "AnyOf",
@@ -47,5 +49,6 @@ __all__ = [
     "calibrated_bound",
     "load_policy",
     "parse_policy",
+    "read_policy_yaml",
     "stat_key",
 ]

@@ -29,8 +29,13 @@ class PolicyError(ValueError):
 
     def __init__(self, source: str, message: str, *, rule: str | None = None, field: str | None = None):
         self.source, self.rule, self.field = source, rule, field
-        where = [source] + ([f"rule {rule!r}"] if rule else []) + ([f"field {field!r}"] if field else [])
+        where = [source] + ([f"rule {_quoted(rule)}"] if rule else []) + ([f"field {_quoted(field)}"] if field else [])
         super().__init__(": ".join([*where, message]))
+
+
+def _quoted(text: str, limit: int = 80) -> str:
+    """repr of a name from a policy, cut to `limit` characters (a hostile name can be any size)."""
+    return repr(text if len(text) <= limit else text[: limit - 3] + "...")
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+import reprlib
 from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +41,21 @@ class _StrictLoader(yaml.SafeLoader):
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
         seen: set[object] = set()
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor`: merged by SafeConstructor, may be overridden
+                continue
             key = self.construct_object(key_node, deep=True)
-            if key_node.tag != "tag:yaml.org,2002:merge" and isinstance(key, Hashable):
+            if isinstance(key, Hashable):
                 if key in seen:
-                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+                    raise yaml.constructor.ConstructorError(None, None, f"duplicate key {_brief(key)}", key_node.start_mark)
                 seen.add(key)
         return super().construct_mapping(node, deep)
+
+
+MAX_POLICY_BYTES = 256 * 1024
+"""Policy YAML larger than this is refused before it is parsed (the bundled ones are ~2 KiB)."""
+MAX_POLICY_EXPANDED = 1_000_000
+"""Nodes plus scalar characters a policy may hold once its aliases are expanded: a few hundred
+bytes of nested aliases ("billion laughs") would otherwise expand to gigabytes."""
 
 
 def load_policy(path: str | Path, detectors: Mapping[str, float | None] | None = None) -> Policy:
@@ -60,15 +70,67 @@ def load_policy(path: str | Path, detectors: Mapping[str, float | None] | None =
         text = Path(path).read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise PolicyError(source, f"cannot read policy: {exc}") from exc
+    return parse_policy(read_policy_yaml(text, source), source, detectors)
+
+
+def read_policy_yaml(text: str, source: str) -> object:
+    """YAML text -> data, within limits a hostile document cannot pass (MAX_POLICY_BYTES, and
+    MAX_POLICY_EXPANDED measured on the composed node graph before anything is built); duplicate
+    keys are errors. PolicyError naming `source` and, where known, the line."""
+    size = len(text.encode("utf-8", "surrogatepass"))
+    if size > MAX_POLICY_BYTES:
+        raise PolicyError(source, f"policy YAML is {size} bytes; the limit is {MAX_POLICY_BYTES}")
+    loader = _StrictLoader(text)
     try:
-        data = yaml.load(text, Loader=_StrictLoader)
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, MAX_POLICY_EXPANDED) > MAX_POLICY_EXPANDED:
+            raise PolicyError(
+                source, f"policy YAML expands (through its aliases) beyond {MAX_POLICY_EXPANDED} nodes and characters"
+            )
+        return loader.construct_document(node)
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
         where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        raise PolicyError(source, f"{where}invalid YAML: {exc.problem or exc.context}") from exc
+        raise PolicyError(source, f"{where}invalid YAML: {exc.problem or exc.context}") from None
     except yaml.YAMLError as exc:
-        raise PolicyError(source, f"invalid YAML: {exc}") from exc
-    return parse_policy(data, source, detectors)
+        raise PolicyError(source, f"invalid YAML: {exc}") from None
+    finally:
+        loader.dispose()
+
+
+def _children(node: yaml.Node) -> list[yaml.Node]:
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    if isinstance(node, yaml.MappingNode):
+        return [part for pair in node.value for part in pair]
+    return []
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """Nodes plus scalar characters of the document as built, each alias counted as a copy of what
+    it names; computed on the node graph (each node once), stopping as soon as it passes `limit`.
+    A recursive alias (a node inside itself) counts as unbounded."""
+    sizes: dict[int, int] = {}
+    open_nodes: set[int] = set()
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:
+        node, finished = stack.pop()
+        key = id(node)
+        if finished:
+            open_nodes.discard(key)
+            own = len(node.value) if isinstance(node, yaml.ScalarNode) else 0
+            sizes[key] = 1 + own + sum(sizes[id(child)] for child in _children(node))
+            if sizes[key] > limit:
+                return sizes[key]
+        elif key not in sizes:
+            if key in open_nodes:
+                return limit + 1
+            open_nodes.add(key)
+            stack.append((node, True))
+            stack.extend((child, False) for child in _children(node) if id(child) not in sizes)
+    return sizes[id(root)]
 
 
 def parse_policy(data: object, source: str, detectors: Mapping[str, float | None] | None = None) -> Policy:
@@ -106,7 +168,7 @@ def _parse_rule(source: str, i: int, item: object, detectors: Mapping[str, float
     actions = tuple(f.choice(f"actions[{j}]", a, "action", ACTIONS) for j, a in enumerate(item["actions"]))
     for j, action in enumerate(actions):
         if action in actions[:j]:
-            f.fail(f"actions[{j}]", f"duplicate action {action!r}")
+            f.fail(f"actions[{j}]", f"duplicate action {_brief(action)}")
     return Rule(item["name"], category, severity, when, actions)
 
 
@@ -126,7 +188,7 @@ class _Fields:
             self.fail(field, f"expected a mapping, got {_show(value)}")
         for key in value:
             if key not in allowed:
-                self.fail(_join(field, str(key)), f"unknown key {key!r} (allowed: {', '.join(allowed)})")
+                self.fail(_join(field, str(key)), f"unknown key {_brief(key)} (allowed: {', '.join(allowed)})")
         for key in required:
             if key not in value:
                 self.fail(_join(field, key), "missing required field")
@@ -136,26 +198,26 @@ class _Fields:
         if not isinstance(value, str) or not (value or empty):
             self.fail(field, f"expected a non-empty string, got {_show(value)}")
         if pattern is not None and not pattern.fullmatch(value):
-            self.fail(field, f"{value!r} does not match {pattern.pattern}")
+            self.fail(field, f"{_brief(value)} does not match {pattern.pattern}")
         return value
 
     def choice(self, field: str, value: object, what: str, options: Sequence[_T]) -> _T:
         for option in options:
             if value == option:
                 return option
-        self.fail(field, f"unknown {what} {value!r} (use one of: {', '.join(options)})")
+        self.fail(field, f"unknown {what} {_brief(value)} (use one of: {', '.join(options)})")
 
     def number(self, field: str, value: object, *, open_zero: bool = False, calibrated: str | None = None) -> Bound:
         """A number in [0, 1] ((0, 1] with `open_zero`), or `calibrated` when it names the detector."""
         if calibrated is not None and value == "calibrated":
             if self.detectors is not None and self.detectors.get(calibrated) is None:
-                self.fail(field, f"detector {calibrated!r} has no calibrated threshold; give a number instead")
+                self.fail(field, f"detector {_brief(calibrated)} has no calibrated threshold; give a number instead")
             return "calibrated"
         wanted = f"a number in {'(0, 1]' if open_zero else '[0, 1]'}" + (" or 'calibrated'" if calibrated else "")
         if isinstance(value, bool) or not isinstance(value, int | float) or math.isnan(value):
             self.fail(field, f"expected {wanted}, got {_show(value)}")
         if not 0 <= value <= 1 or (open_zero and value == 0):
-            self.fail(field, f"{value!r} is out of range (use {wanted})")
+            self.fail(field, f"{_brief(value)} is out of range (use {wanted})")
         return float(value)
 
     def integer(self, field: str, value: object, low: int, high: int | None = None) -> int:
@@ -182,7 +244,7 @@ class _Fields:
         detector = self.string(at("detector"), m["detector"])
         if self.detectors is not None and (detector not in self.detectors or STAT_SEPARATOR in detector):
             known = ", ".join(detector_names(self.detectors)) or "none"
-            self.fail(at("detector"), f"unknown detector {detector!r} (known: {known})")
+            self.fail(at("detector"), f"unknown detector {_brief(detector)} (known: {known})")
         category = self.string(at("category"), m["category"], pattern=_CATEGORY) if "category" in m else None
         stat = self.choice(at("stat"), m.get("stat", "last"), "stat", STATS)
         window = self.integer(at("window"), m.get("window", 1 if stat == "last" else 32), 1)
@@ -190,7 +252,7 @@ class _Fields:
             self.fail(at("window"), "stat 'last' looks at the latest score only; drop window or use another stat")
         for key, only in (("over", "count_over"), ("alpha", "ema")):
             if key in m and stat != only:
-                self.fail(at(key), f"{key!r} applies only to stat {only}")
+                self.fail(at(key), f"{_brief(key)} applies only to stat {only}")
         given = [c for c in COMPARISONS if c in m]
         if len(given) != 1:
             self.fail(field, f"give exactly one of {', '.join(COMPARISONS)} (got {', '.join(given) or 'none'})")
@@ -217,6 +279,15 @@ def _join(field: str, key: str) -> str:
     return f"{field}.{key}" if field else key
 
 
+_BRIEF = reprlib.Repr()
+_BRIEF.maxstring, _BRIEF.maxother, _BRIEF.maxlevel, _BRIEF.maxlist, _BRIEF.maxdict = 60, 60, 3, 4, 4
+
+
+def _brief(value: object) -> str:
+    """repr of a value from a policy, bounded whatever its size (errors quote what they refuse)."""
+    return _BRIEF.repr(value)
+
+
 def _show(value: object) -> str:
-    text = repr(value)
+    text = _brief(value)
     return f"{type(value).__name__} {text if len(text) <= 40 else text[:37] + '...'}"

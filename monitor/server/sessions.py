@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-import yaml
 from fastapi import APIRouter, Depends, Request
 from pydantic import BaseModel, ConfigDict, Field
 
-from monitor.policy import Policy, PolicyError, parse_policy
+from monitor.policy import Policy, PolicyError, parse_policy, read_policy_yaml
 from monitor.replay import ReplayResult, replay_full, replay_policy, stored_policy
 from monitor.server.app import ServerState
 from monitor.server.protocol import APIError
@@ -76,10 +75,7 @@ def request_policy(raw: dict[str, Any] | str | None, stored: Transcript) -> Poli
         return None
     source = "<request policy>"
     try:
-        data = yaml.safe_load(raw) if isinstance(raw, str) else raw
-    except yaml.YAMLError as exc:
-        raise APIError(400, f"{source}: not valid YAML ({exc})", param="policy") from None
-    try:
+        data = read_policy_yaml(raw, source) if isinstance(raw, str) else raw
         return parse_policy(data, source, dict(stored.thresholds))
     except PolicyError as exc:
         raise APIError(400, str(exc), param="policy") from None

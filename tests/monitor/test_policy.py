@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from monitor.policy import Policy, PolicyError, PolicyEvaluator, load_policy, parse_policy
+from monitor.policy import MAX_POLICY_BYTES, Policy, PolicyError, PolicyEvaluator, load_policy, parse_policy, read_policy_yaml
 from monitor.types import Detection, Flag
 
 REPO = Path(__file__).resolve().parents[2]
@@ -400,3 +400,56 @@ def test_to_dict_round_trips_every_kind_of_condition() -> None:
         {"detector": "harmful_probe", "stat": "count_over", "over": "calibrated", "window": 8, "lte": 3},
     )
     assert parse_policy(policy.to_dict(), "test", DETECTORS) == policy
+
+
+def billion_laughs(depth: int = 9) -> str:
+    """~400 bytes of YAML whose aliases expand to 9**depth strings."""
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, depth)]
+    return "\n".join(lines) + "\nname: bomb\nrules: []\n"
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once_without_expanding_it() -> None:
+    import time
+    import tracemalloc
+
+    text = billion_laughs()
+    assert len(text) < 1000
+    tracemalloc.start()
+    started = time.perf_counter()
+    with pytest.raises(PolicyError, match="expands") as err:
+        read_policy_yaml(text, "<request policy>")
+    seconds = time.perf_counter() - started
+    _, peak = tracemalloc.get_traced_memory()
+    tracemalloc.stop()
+    assert seconds < 0.1 and peak < 5_000_000, (seconds, peak)
+    assert str(err.value).startswith("<request policy>") and len(str(err.value)) < 300
+
+
+def test_recursive_and_oversized_yaml_are_refused_naming_the_source() -> None:
+    with pytest.raises(PolicyError, match="expands"):
+        read_policy_yaml("a: &a [1, *a]\n", "p.yaml")
+    with pytest.raises(PolicyError, match=f"limit is {MAX_POLICY_BYTES}"):
+        read_policy_yaml("name: x\n" + "#" * MAX_POLICY_BYTES, "p.yaml")
+
+
+def test_anchors_a_person_would_write_still_load(tmp_path: Path) -> None:
+    path = tmp_path / "anchored.yaml"
+    path.write_text(
+        textwrap.dedent(
+            """
+            name: anchored
+            rules:
+              - &warn {name: a, category: deception, severity: warning, actions: [alert],
+                       when: {detector: p, gte: 0.9}}
+              - {<<: *warn, name: b, when: {detector: p, stat: mean, window: 4, gte: 0.8}}
+            """
+        )
+    )
+    assert [r.name for r in load_policy(path).rules] == ["a", "b"]
+
+
+def test_an_error_quotes_a_huge_value_briefly() -> None:
+    with pytest.raises(PolicyError) as err:
+        parse_policy({"name": "x", "rules": [{"name": "r" * 100_000}]}, "p.yaml")
+    assert len(str(err.value)) < 400

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import httpx
@@ -98,6 +99,17 @@ def test_a_bad_replay_policy_is_a_400_naming_the_field(server: Any) -> None:
     unknown = {"name": "b", "rules": [{**LONG, "when": {"detector": "nobody", "gte": 0.5}}]}
     reply = httpx.post(server.base_url + "/v1/sessions/long/replay", json={"policy": unknown})
     assert reply.status_code == 400 and "nobody" in reply.json()["error"]["message"]
+
+
+def test_a_yaml_bomb_as_replay_policy_is_a_quick_400(server: Any) -> None:
+    lines = ['l0: &l0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"l{i}: &l{i} [{', '.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    started = time.perf_counter()
+    reply = httpx.post(server.base_url + "/v1/sessions/long/replay", json={"policy": "\n".join(lines)}, timeout=30)
+    assert time.perf_counter() - started < 1.0
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == "policy"
+    assert "expands" in reply.json()["error"]["message"]
+    assert httpx.get(server.base_url + "/healthz").status_code == 200
 
 
 def test_a_full_replay_of_another_models_session_is_a_409(server: Any) -> None:

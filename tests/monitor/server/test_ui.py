@@ -147,7 +147,7 @@ def test_the_judges_rationale_and_quotes_show_and_the_quotes_are_highlighted_in_
 def test_replay_errors_are_shown_on_the_page_with_their_status(viewer: Any) -> None:
     replay = viewer.base_url + "/ui/sessions/{}/replay"
     reply = httpx.post(replay.format("flagged-xss"), data={"mode": "policy", "policy": "rules: [unclosed"}, timeout=30)
-    assert reply.status_code == 400 and "not valid YAML" in reply.text and "rules: [unclosed" in reply.text
+    assert reply.status_code == 400 and "invalid YAML" in reply.text and "rules: [unclosed" in reply.text
     assert reply.headers["content-security-policy"] == CSP
     stored = viewer.store.get("flagged-xss")
     moved = dataclasses.replace(stored, session_id="elsewhere", model=dataclasses.replace(stored.model, revision="other"))
