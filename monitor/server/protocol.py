@@ -72,6 +72,20 @@ class MessageIn(BaseModel):
     function_call: Any = None
 
 
+def whole_text(value: str, field: str) -> str:
+    """`value` if it is valid Unicode text; a 400 naming `field` for a lone surrogate (JSON allows
+    "\\ud800", which no tokenizer, log or database can encode)."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise APIError(
+            400,
+            f"{field}: not valid Unicode text (a lone surrogate \\u{ord(value[exc.start]):04x} at character {exc.start})",
+            param=field,
+        ) from None
+    return value
+
+
 def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
     """Check `messages` the way OpenAI's API does and turn them into ChatMessages.
 
@@ -94,7 +108,7 @@ def chat_messages(messages: list[MessageIn]) -> list[ChatMessage]:
 
 def _text(message: MessageIn, field: str) -> str:
     if not isinstance(message.content, list):
-        return message.content or ""
+        return whole_text(message.content or "", field)
     texts = []
     for j, part in enumerate(message.content):
         where = f"{field}[{j}]"
@@ -112,7 +126,7 @@ def _text(message: MessageIn, field: str) -> str:
         text = getattr(part, readable)
         if text is None:
             raise APIError(400, f"{where}.{readable}: a {readable} part requires {readable!r}", param=f"{where}.{readable}")
-        texts.append(text)
+        texts.append(whole_text(text, f"{where}.{readable}"))
     return "".join(texts)
 
 

@@ -32,6 +32,7 @@ from monitor.server.protocol import (
     finish_reason,
     flags_json,
     usage,
+    whole_text,
 )
 from monitor.server.stream import DeltaSplitter, split_steps
 from monitor.store import StoreError
@@ -193,6 +194,9 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
     s = state(request)
     _check_model(s, body.model)
     messages = chat_messages(body.messages)
+    for field in ("completion", "reasoning", "answer"):
+        if (value := getattr(body, field)) is not None:
+            whole_text(value, field)
     if body.completion is not None:
         text = body.completion
     elif body.reasoning is not None:

@@ -97,6 +97,9 @@ class QueryError(ValueError):
         self.param = param
 
 
+MAX_OFFSET = 2**63 - 1
+
+
 def parse_query(
     *,
     flagged: bool | None = None,
@@ -115,6 +118,8 @@ def parse_query(
         raise QueryError("severity", f"severity must be one of {', '.join(SEVERITIES)}")
     if offset < 0:
         raise QueryError("offset", "offset must not be negative")
+    if offset > MAX_OFFSET:  # SQL's BIGINT: a larger one is a database error, not an empty page
+        raise QueryError("offset", f"offset must be at most {MAX_OFFSET}")
     times: dict[str, float | None] = {}
     for name, value in (("since", since), ("until", until)):
         try:

@@ -193,6 +193,31 @@ def test_malformed_messages_are_a_400_naming_the_field_in_watch_mode(serve: Serv
     assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
 
 
+LONE_SURROGATES: list[tuple[str, dict[str, Any], str]] = [
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi \ud800"}]}, "messages[0].content"),
+    (
+        "/v1/chat/completions",
+        {"messages": [{"role": "user", "content": [{"type": "text", "text": "ok"}, {"type": "text", "text": "\udfff"}]}]},
+        "messages[0].content[1].text",
+    ),
+    ("/v1/monitor/transcripts", {"messages": [{"role": "user", "content": "\ud800"}], "completion": "x"}, "messages[0].content"),
+    ("/v1/monitor/transcripts", {"messages": [{"role": "user", "content": "Hi"}], "reasoning": "a \udc00"}, "reasoning"),
+    ("/v1/monitor/transcripts", {"messages": [{"role": "user", "content": "Hi"}], "completion": "\ud83d"}, "completion"),
+]
+
+
+@pytest.mark.parametrize(("path", "payload", "param"), LONE_SURROGATES)
+def test_a_lone_surrogate_is_a_400_naming_the_field_not_a_500(
+    serve: Serve, path: str, payload: dict[str, Any], param: str
+) -> None:
+    # JSON may escape half of a surrogate pair ("\ud800"); such a string cannot be encoded anywhere downstream.
+    body = json.dumps({"model": "tiny", **payload} | ({"max_tokens": 3} if path.endswith("completions") else {}))
+    assert "\\ud" in body or "\\udc" in body or "\\udf" in body
+    reply = httpx.post(serve().base_url + path, content=body, headers={"content-type": "application/json"})
+    assert reply.status_code == 400 and reply.json()["error"]["param"] == param, reply.text
+    assert "surrogate" in reply.json()["error"]["message"]
+
+
 def test_an_assistant_message_with_tool_calls_and_no_content_is_accepted(serve: Serve) -> None:
     call = {"id": "call_1", "type": "function", "function": {"name": "lookup", "arguments": "{}"}}
     messages = [

@@ -54,7 +54,14 @@ def test_sessions_are_listed_newest_first_and_filtered(server: Any) -> None:
 
 
 @pytest.mark.parametrize(
-    ("params", "param"), [({"since": "yesterday"}, "since"), ({"severity": "loud"}, "severity"), ({"limit": "0"}, "limit")]
+    ("params", "param"),
+    [
+        ({"since": "yesterday"}, "since"),
+        ({"severity": "loud"}, "severity"),
+        ({"limit": "0"}, "limit"),
+        ({"offset": str(2**63)}, "offset"),  # past SQL's BIGINT: was a 500
+        ({"offset": "-1"}, "offset"),
+    ],
 )
 def test_bad_filters_are_400s_naming_the_parameter(server: Any, params: dict[str, str], param: str) -> None:
     reply = httpx.get(server.base_url + "/v1/sessions", params=params)
