@@ -144,7 +144,16 @@ def create_app(
     pipeline's transcript store, which the session routes and the viewer read."""
     from monitor.server.routes import router
 
-    app = FastAPI(title="cotmon", version="0.1.0", description="OpenAI-compatible API with chain-of-thought monitoring.")
+    # No /docs or /redoc (they load Swagger and ReDoc from a CDN into the viewer's origin); the schema
+    # is served by routes.openapi_schema, behind the API key like every /v1 route.
+    app = FastAPI(
+        title="cotmon",
+        version="0.1.0",
+        description="OpenAI-compatible API with chain-of-thought monitoring.",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+    )
     app.state.cotmon = ServerState(
         settings=settings,
         pipeline=pipeline,

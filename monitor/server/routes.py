@@ -90,6 +90,12 @@ async def metrics(request: Request) -> Response:
     return PlainTextResponse(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
+@protected.get("/openapi.json", include_in_schema=False)
+async def openapi_schema(request: Request) -> JSONResponse:
+    """The OpenAPI schema of this API (for clients and fuzzers); needs the API key when one is set."""
+    return JSONResponse(request.app.openapi())
+
+
 @protected.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
     s = state(request)

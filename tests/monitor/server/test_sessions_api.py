@@ -136,3 +136,13 @@ def test_session_routes_need_the_api_key(serve: Serve) -> None:
     assert httpx.post(server.base_url + "/v1/sessions/x/replay", json={}).status_code == 401
     ok = httpx.get(server.base_url + "/v1/sessions", headers={"Authorization": "Bearer sekrit"})
     assert ok.status_code == 200 and ok.json()["total"] == 0
+
+
+def test_the_schema_follows_the_api_key_and_no_docs_page_loads_third_party_script(serve: Serve) -> None:
+    server = serve(rules=[LONG], api_key="sekrit")
+    assert httpx.get(server.base_url + "/openapi.json").status_code == 401
+    schema = httpx.get(server.base_url + "/openapi.json", headers={"Authorization": "Bearer sekrit"})
+    assert schema.status_code == 200 and "/v1/chat/completions" in schema.json()["paths"]
+    assert "/openapi.json" not in schema.json()["paths"]
+    for page in ("/docs", "/redoc", "/docs/oauth2-redirect"):
+        assert httpx.get(server.base_url + page, headers={"Authorization": "Bearer sekrit"}).status_code == 404
