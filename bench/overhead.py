@@ -6,7 +6,8 @@ ABBA order so that machine noise hits both alike. Prints the median tokens/s of 
 their ratio, and the host time of the readout work alone per token (fused op per layer, one
 transfer, the name->value dict) as a share of a token's time. Goal: <= 5% slowdown.
 
-    .venv/bin/python bench/overhead.py                 # tiny + a d_model-2048 random model, CPU
+    .venv/bin/python bench/overhead.py                 # tiny, smollm2 (real) and a d_model-2048 random model, CPU
+    .venv/bin/python bench/overhead.py --models smollm2
     .venv/bin/python bench/overhead.py --device cuda   # same on a GPU
 """
 
@@ -17,6 +18,7 @@ import asyncio
 import itertools
 import statistics
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -28,6 +30,7 @@ from monitor.engine.readout import ReadoutPlan
 from monitor.engine.tiny import build_model, build_tiny_tokenizer, tiny_config
 from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout
 
+MODELS = Path(".cotmon/models")  # where `make demo` and the tests cache the dequantised model
 PROMPT = (ChatMessage("user", "Plan the database migration and report whether the tests passed."),)
 
 
@@ -102,13 +105,26 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=9, help="runs per mode (median taken)")
     parser.add_argument("--d-model", type=int, default=2048, help="width of the realistic random model")
     parser.add_argument("--layers", type=int, default=4, help="decoder blocks of the realistic random model")
+    parser.add_argument(
+        "--models", default="tiny,smollm2,random", help="comma-separated: tiny, smollm2 (the embedded real model), random"
+    )
     args = parser.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
-    tiny = HFEngine.load("tiny", device=args.device, dtype="float32" if args.device == "cpu" else "bfloat16")
-    engines = [
-        ("tiny", tiny),
-        (f"random d_model={args.d_model}", realistic_engine(args.d_model, args.layers, args.device, dtype)),
-    ]
+    load = {
+        "tiny": lambda: ("tiny", HFEngine.load("tiny", device=args.device, dtype=str(dtype).removeprefix("torch."))),
+        "smollm2": lambda: (
+            "smollm2 (real)",
+            HFEngine.load("smollm2", device=args.device, dtype=str(dtype).removeprefix("torch."), models_dir=MODELS),
+        ),
+        "random": lambda: (
+            f"random d_model={args.d_model}",
+            realistic_engine(args.d_model, args.layers, args.device, dtype),
+        ),
+    }
+    wanted = [m.strip() for m in args.models.split(",") if m.strip()]
+    if unknown := set(wanted) - set(load):
+        parser.error(f"--models: unknown {', '.join(sorted(unknown))} (use tiny, smollm2, random)")
+    engines = [load[m]() for m in wanted]
     table = Table(title=f"hf engine decode, {args.tokens} tokens/run, median of {args.repeats} alternating runs, {args.device}")
     columns = ("model", "d_model x layers", "readouts", "tok/s off", "tok/s on", "on/off", "slowdown", "readout µs/token")
     for col in columns:
