@@ -4,7 +4,7 @@ Workload: the first --items bundled deception contrast items, each teacher-force
 messages with --layers captured per forward (default n_layers//3 and 2*n_layers//3), for the
 tiny model, the embedded real model (smollm2) and a random-init Qwen2 of realistic width. Modes:
 
-  one at a time   HFEngine.capture per item (the previous prompt's KV cache serves the common start)
+  one at a time   HFEngine.capture per item: one plain forward each
   batch N         probes.train.capture_all with N items per forward, as probe training extracts:
                   texts sorted by length, the prompts' common start computed once, right-padded
 

@@ -52,6 +52,11 @@ class Example:
         return compose_assistant_text(self.reasoning, self.answer, prompt_opens_reasoning)
 
 
+def model_slug(model_id: str) -> str:
+    """A model id as part of a file name (`org/name` -> `org_name`)."""
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in model_id)
+
+
 def data_path(name: str) -> Path:
     return Path(str(files("probes").joinpath("data", name)))
 

@@ -30,8 +30,9 @@ from monitor.engine.base import Engine
 from monitor.engine.text import THINK_OPEN
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
+from monitor.policy import Condition, calibrated_bound, statistic_thresholds
 from monitor.server.serve import NO_RULES
-from monitor.types import STAT_SEPARATOR, DetectorSpec, Transcript
+from monitor.types import DetectorSpec, Transcript
 from probes.calibrate import parse_statistic, peaks
 from probes.datasets import NO_PROMPT, LabelledText
 
@@ -197,14 +198,18 @@ def item_score(transcript: Transcript, aggregate: Aggregate, category: str | Non
 
 def threshold_for(thresholds: Mapping[str, float | None], name: str, aggregate: Aggregate) -> float | None:
     """The detector's calibrated threshold that means for this item score what it means in a policy:
-    the per-token one for `max` / `last` / `max@N` (a session's peak of them is its highest token);
-    the one calibrated for a statistic for that statistic. A detector calibrated per token only uses
-    its one threshold for everything, as a policy does; a probe calibrated per statistic has no
-    threshold for a whole-item `mean` (None: no confusion matrix)."""
-    per_statistic = {k.split(STAT_SEPARATOR, 1)[1]: v for k, v in thresholds.items() if k.startswith(name + STAT_SEPARATOR)}
-    if aggregate in ("max", "last") or aggregate.startswith("max@") or not per_statistic:
-        return thresholds.get(name)
-    return per_statistic.get(aggregate)
+    the one a `calibrated` bound of the rule `{stat, window: N, min_scores: N}` takes
+    (`monitor.policy.calibrated_bound`), None where it has none. A whole-item `mean` is no policy
+    statistic: a detector calibrated per token only uses its one threshold, as a policy would; a
+    probe calibrated per statistic has none for it (no confusion matrix)."""
+    if aggregate == "mean":
+        return None if statistic_thresholds(thresholds, name) else thresholds.get(name)
+    stat, window = ("max", 1) if aggregate == "max" else parse_statistic(aggregate)
+    rule = Condition(name, "gte", "calibrated", stat=stat, window=window, min_scores=window)  # type: ignore[arg-type]
+    try:
+        return calibrated_bound(rule, thresholds)
+    except LookupError:
+        return None
 
 
 async def score_items(

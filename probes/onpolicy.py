@@ -24,7 +24,7 @@ import torch
 from monitor.engine.hf import HFEngine
 from monitor.engine.text import THINK_CLOSE, compose_assistant_text
 from monitor.types import ChatMessage
-from probes.datasets import LabelledText, data_path, load_benign_prompts
+from probes.datasets import LabelledText, data_path, load_benign_prompts, model_slug
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ def generate_benign(
         batch = prompts[start : start + sampling.batch]
         heads = [engine.render_prompt(messages) for _, messages, _ in batch]
         reasoning = [_cut(t) for t in _generate(engine, heads, sampling.reasoning_tokens, sampling)]
-        closed = [head + text + "\n" + THINK_CLOSE + "\n\n" for head, text in zip(heads, reasoning, strict=True)]
+        closed = [head + compose_assistant_text(text, "", True) for head, text in zip(heads, reasoning, strict=True)]
         answers = [t.strip() for t in _generate(engine, closed, sampling.answer_tokens, sampling)]
         for (item_id, messages, source), r, a in zip(batch, reasoning, answers, strict=True):
             out.append(BenignText(item_id, messages, r, a, source))
@@ -180,7 +180,7 @@ def benign_set(
     """
     prompts = load_benign_prompts()
     split = {p.id: p.split for p in prompts}
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
+    slug = model_slug(engine.info.model_id)
     bundled = data_path(f"benign_{slug}.jsonl")
     if bundled.is_file() and revision_of(bundled) == engine.info.revision:
         path, source = bundled, f"probes/data/{bundled.name}"

@@ -15,12 +15,13 @@ from pathlib import Path
 from rich.console import Console
 
 from monitor.engine.hf import HFEngine
+from probes.datasets import model_slug
 from probes.train_run import BUNDLED, train_pack
 
 
 def pack_dir(root: Path, engine: HFEngine, tag: str = "") -> Path:
     """Where the pack of this model id and revision lives under `root` (`tag`: non-default training)."""
-    slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
+    slug = model_slug(engine.info.model_id)
     return root / f"{slug}@{engine.info.revision}{tag}"
 
 

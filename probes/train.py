@@ -25,7 +25,7 @@ from sklearn.preprocessing import StandardScaler
 
 from monitor.engine.hf import HFEngine
 from monitor.types import ChatMessage
-from probes.datasets import LabelledText
+from probes.datasets import LabelledText, model_slug
 from probes.linear import LinearProbe, ProbeMetadata
 
 Progress = Callable[[int], None]
@@ -71,7 +71,7 @@ class ActivationCache:
     """
 
     def __init__(self, root: Path, engine: HFEngine, layers: Sequence[int]):
-        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in engine.info.model_id)
+        slug = model_slug(engine.info.model_id)
         self.dir = root / f"{slug}@{engine.info.revision}"
         self.layers = tuple(layers)
 
@@ -185,9 +185,9 @@ def _search_rows(groups: npt.NDArray[np.int64], seed: int) -> npt.NDArray[np.int
     """Rows of whole groups (texts), in a seeded order, until `SEARCH_TOKENS` are taken (all if fewer)."""
     if len(groups) <= SEARCH_TOKENS:
         return np.arange(len(groups))
-    order = np.random.default_rng(seed).permutation(np.unique(groups))
-    sizes = np.bincount(np.searchsorted(np.unique(groups), groups))[np.searchsorted(np.unique(groups), order)]
-    chosen = order[: max(2, int(np.searchsorted(np.cumsum(sizes), SEARCH_TOKENS)))]
+    ids, sizes = np.unique(groups, return_counts=True)
+    order = np.random.default_rng(seed).permutation(len(ids))  # the same shuffle as permuting `ids` itself
+    chosen = ids[order[: max(2, int(np.searchsorted(np.cumsum(sizes[order]), SEARCH_TOKENS)))]]
     return np.flatnonzero(np.isin(groups, chosen))
 
 
@@ -265,9 +265,9 @@ def train_probe(
     results, fitted = [], {}
     for layer in layers:
         scaler, model = fit(train.by_layer[layer], train.labels, train.item, seed=seed)
-        fitted[layer] = (scaler, model)
         train_scores = model.predict_proba(scaler.transform(train.by_layer[layer]))[:, 1]
         val_scores = model.predict_proba(scaler.transform(val.by_layer[layer]))[:, 1]
+        fitted[layer] = (scaler, model, val_scores)
         results.append(
             LayerResult(
                 layer,
@@ -277,7 +277,7 @@ def train_probe(
             )
         )
     best = max(results, key=lambda r: (np.nan_to_num(r.val_auroc, nan=-1.0), -r.layer))
-    scaler, model = fitted[best.layer]
+    scaler, model, val_scores = fitted[best.layer]
     if control:
         negatives = extract(engine, control, layers, progress, cache).by_layer[best.layer]
         calibrated_on = "control set"
@@ -307,6 +307,5 @@ def train_probe(
             "calibration_token_fpr": float(np.mean(negative_scores >= threshold)),
         },
     )
-    val_scores = model.predict_proba(scaler.transform(val.by_layer[best.layer]))[:, 1]
     positives = [val_scores[val.item == i] for i in np.unique(val.item[val.labels == 1])]
     return TrainedProbe(to_probe(scaler, model, meta), results, positives)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import copy
 import inspect
 import threading
 import uuid
@@ -73,7 +72,6 @@ class HFEngine:
         self._lock = threading.Lock()
         self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
         self._cache_kwarg = cache_kwarg(model)
-        self._prefixes = PrefixCache()
 
     @classmethod
     def load(
@@ -285,21 +283,13 @@ class HFEngine:
         return IncrementalForcer(self, messages, session_id)
 
     def capture(self, messages: Sequence[ChatMessage], assistant_text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer.
-
-        Training and calibration capture many texts after prompts that start alike (the chat
-        template, a system prompt): the KV cache of the previous prompt serves the common start of
-        the next one, which is then not computed again (`PrefixCache`).
-        """
+        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer:
+        one plain forward, the reference `capture_many` (what training uses) is checked against."""
         prompt_ids = self.encode(self.render_prompt(messages))
         text_ids = self.encode(assistant_text)
         with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
-            cache, start = self._prefixes.take(prompt_ids)
-            ids = torch.tensor([prompt_ids[start:] + text_ids], device=self.device)
-            kwargs = {self._cache_kwarg: cache}
-            self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
-            self._prefixes.keep(prompt_ids, cache)
-        return {layer: acts[0, len(prompt_ids) - start :] for layer, acts in cap.activations.items()}
+            self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
+        return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
 
 
 def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
@@ -309,44 +299,6 @@ def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
         if any(s[i] != sequences[0][i] for s in sequences[1:]):
             return i
     return shortest
-
-
-class PrefixCache:
-    """The KV cache of the last prompt captured, kept for the common start of the next one.
-
-    `take(ids)` returns a cache holding the first `start` tokens of `ids` (a copy of the kept one,
-    cropped to the longest common prefix) and `start`, or a fresh cache and 0 when fewer than
-    `min_tokens` are shared. `keep(ids, cache)` stores a forward's cache cropped to `ids`.
-    Activations computed on top of it agree with one full forward to float rounding.
-    """
-
-    def __init__(self, min_tokens: int = 16):
-        self.min_tokens = min_tokens
-        self._ids: list[int] = []
-        self._cache: DynamicCache | None = None
-
-    def take(self, ids: Sequence[int]) -> tuple[DynamicCache, int]:
-        shared = 0
-        for a, b in zip(self._ids, ids[:-1], strict=False):  # leave at least one token to compute
-            if a != b:
-                break
-            shared += 1
-        if self._cache is None or shared < self.min_tokens:
-            return DynamicCache(), 0
-        cache = copy.deepcopy(self._cache)
-        _crop(cache, shared)
-        return cache, shared
-
-    def keep(self, ids: Sequence[int], cache: DynamicCache) -> None:
-        _crop(cache, len(ids))
-        self._ids, self._cache = list(ids), cache
-
-
-def _crop(cache: DynamicCache, length: int) -> None:
-    """Cut `cache` to its first `length` tokens (a negative `crop` removes tokens in every transformers version)."""
-    extra = cache.get_seq_length() - length
-    if extra > 0:
-        cache.crop(-extra)
 
 
 def cache_kwarg(model: Any) -> str:

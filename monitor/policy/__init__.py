@@ -24,6 +24,7 @@ from monitor.policy.model import (
     When,
     calibrated_bound,
     stat_key,
+    statistic_thresholds,
 )
 from monitor.policy.parse import MAX_POLICY_BYTES, MAX_POLICY_EXPANDED, load_policy, parse_policy, read_policy_yaml
 
@@ -51,4 +52,5 @@ __all__ = [
     "parse_policy",
     "read_policy_yaml",
     "stat_key",
+    "statistic_thresholds",
 ]

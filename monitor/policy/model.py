@@ -110,6 +110,12 @@ def detector_names(thresholds: Mapping[str, float | None]) -> list[str]:
     return sorted(k for k in thresholds if STAT_SEPARATOR not in k)
 
 
+def statistic_thresholds(thresholds: Mapping[str, float | None], detector: str) -> dict[str, float | None]:
+    """A detector's thresholds calibrated per statistic (`mean@16` -> ...), from a thresholds mapping."""
+    prefix = detector + STAT_SEPARATOR
+    return {k.removeprefix(prefix): v for k, v in thresholds.items() if k.startswith(prefix)}
+
+
 def calibrated_bound(cond: Condition, thresholds: Mapping[str, float | None], *, over: bool = False) -> float:
     """The threshold a `calibrated` bound of `cond` stands for (its `over` bound with `over`).
 
@@ -125,8 +131,7 @@ def calibrated_bound(cond: Condition, thresholds: Mapping[str, float | None], *,
         specific = thresholds.get(name + STAT_SEPARATOR + key)
         if specific is not None:
             return specific
-        others = sorted(k.split(STAT_SEPARATOR, 1)[1] for k in thresholds if k.startswith(name + STAT_SEPARATOR))
-        if others:
+        if others := sorted(statistic_thresholds(thresholds, name)):
             raise LookupError(
                 f"detector {name!r} has no threshold calibrated for {key} (it has: last, {', '.join(others)}); "
                 "use one of those, calibrate it for this statistic, or give a number"

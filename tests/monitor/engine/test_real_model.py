@@ -149,13 +149,11 @@ def test_a_file_that_is_not_a_loadable_gguf_is_a_clear_error(tmp_path: Path) -> 
     assert list((tmp_path / "models").iterdir()) == []  # no partial cache left behind
 
 
-def test_capture_reusing_a_common_prompt_prefix_equals_a_full_forward(real_engine: HFEngine) -> None:
+def test_a_capture_after_another_with_a_common_prompt_start_equals_a_full_forward(real_engine: HFEngine) -> None:
     first = (ChatMessage("system", "You are a travel assistant."), ChatMessage("user", "Is breakfast included?"))
     second = (ChatMessage("system", "You are a travel assistant."), ChatMessage("user", "Can I check out late?"))
     text = "Let me look at the booking. It includes breakfast, served from seven."
-    real_engine.capture(first, "Yes.", [18])  # leaves its prompt's cache for the next call
-    _, shared = real_engine._prefixes.take(real_engine.encode(real_engine.render_prompt(second)))
-    assert shared >= 40  # the template, the system message and the think instruction
+    real_engine.capture(first, "Yes.", [18])  # nothing of one capture may leak into the next
     reused = real_engine.capture(second, text, [15, 18])
     ids = real_engine.encode(real_engine.render_prompt(second)) + real_engine.encode(text)
     with torch.inference_mode():
