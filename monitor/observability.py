@@ -68,6 +68,11 @@ class Metrics:
             registry=registry,
         )
         self.store_errors = Counter("cotmon_store_errors", "Failed transcript writes.", registry=registry)
+        self.store_spooled = Gauge(
+            "cotmon_store_spooled_sessions",
+            "Kept sessions waiting on local disk (the spool) for the transcript store.",
+            registry=registry,
+        )
 
     def declare(
         self, *, flags: Iterable[tuple[str, str, str]] = (), halts: Iterable[str] = (), detectors: Iterable[str] = ()

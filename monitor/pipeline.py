@@ -17,7 +17,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any
 
 from prometheus_client import CollectorRegistry
 
@@ -33,6 +33,7 @@ from monitor.detector import (
 from monitor.engine.base import Engine
 from monitor.observability import Metrics, default_metrics, get_logger
 from monitor.policy import Policy, PolicyEvaluator, parse_policy
+from monitor.sinks import DurableSink, JournalingSink, SessionJournal, Sink
 from monitor.types import (
     Channel,
     ChatMessage,
@@ -46,23 +47,6 @@ from monitor.types import (
     Transcript,
     max_scores,
 )
-
-
-class Sink(Protocol):
-    """Receives every finished session's transcript (metrics and the log line are built in)."""
-
-    def write(self, transcript: Transcript) -> None: ...
-
-
-@runtime_checkable
-class DurableSink(Sink, Protocol):
-    """A sink that commits a session the moment a rule fires (the transcript store).
-
-    `checkpoint` gets the session so far (outcome `running`) and returns once it is durable; only
-    then are the flags counted, so an alert never points at a transcript a crash could lose.
-    """
-
-    def checkpoint(self, transcript: Transcript) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -126,12 +110,15 @@ class Pipeline:
         request = dataclasses.replace(request, session_id=session_id)
         return Session(self, session_id, tuple(request.messages), self.engine.stream(request), request=_request_params(request))
 
-    def teacher_force(self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = "") -> Session:
-        """A session that scores `assistant_text` as if the model had written it."""
+    def teacher_force(
+        self, messages: Sequence[ChatMessage], assistant_text: str, session_id: str = "", *, label: str | None = None
+    ) -> Session:
+        """A session that scores `assistant_text` as if the model had written it (`label`: the caller's name for it)."""
         session_id = session_id or uuid.uuid4().hex
         source = self.engine.teacher_force(messages, assistant_text, session_id)
         # The whole text is kept: a halt cuts the steps short, and a replay forces the same text again.
-        return Session(self, session_id, tuple(messages), source, mode="teacher_force", request={"completion": assistant_text})
+        request = {"completion": assistant_text} | ({"label": label} if label else {})
+        return Session(self, session_id, tuple(messages), source, mode="teacher_force", request=request)
 
     def replay(
         self,
@@ -209,6 +196,9 @@ class Session:
         self._late_lock = threading.Lock()
         self._best: dict[str, float] = {}
         self._started = 0.0
+        self._spool = next((sink for sink in self.sinks if isinstance(sink, JournalingSink)), None)
+        self._journal: SessionJournal | None = None
+        self._journaled = (0, 0, 0, 0)  # steps, detections, evaluations, flags already in the journal
 
     def _emit(self, detections: Sequence[Detection]) -> None:
         with self._late_lock:
@@ -257,6 +247,7 @@ class Session:
                         found.extend(await detector.observe(step))
                         timers[detector.spec.name].observe(p.clock() - t0)
                     flags = self._evaluate(evaluator, found, step.index, arrived, detectors)
+                    self._record()
                     yield StepEvent(step, tuple(found), tuple(flags))
                     if any("halt" in f.actions for f in flags):
                         outcome = "halted"
@@ -348,8 +339,30 @@ class Session:
             evaluations=tuple(self.evaluations),
         )
 
+    def _record(self, *, sync: bool = False) -> None:
+        """Append what the session added to its journal (opened once the spool keeps the session)."""
+        if self._spool is None:
+            return
+        try:
+            if self._journal is None:
+                if not self._spool.keeps_live(self.session_id, bool(self.flags)):
+                    return
+                self._journal = self._spool.journal(self._transcript("running"))
+            else:
+                n_steps, n_dets, n_evals, n_flags = self._journaled
+                self._journal.extend(
+                    self.steps[n_steps:], self.detections[n_dets:], self.evaluations[n_evals:], self.flags[n_flags:]
+                )
+            self._journaled = (len(self.steps), len(self.detections), len(self.evaluations), len(self.flags))
+            if sync:
+                self._journal.sync()
+        except Exception as exc:  # a full disk must not take the stream down; it is counted and logged
+            self.metrics.store_errors.inc()
+            self.pipeline.log.error("journal_failed", session_id=self.session_id, error=f"{type(exc).__name__}: {exc}")
+
     def _checkpoint(self) -> None:
-        """Commit the flagged session so far to every durable sink."""
+        """Commit the flagged session so far: its journal synced to disk, then every durable sink."""
+        self._record(sync=True)
         durable = [sink for sink in self.sinks if isinstance(sink, DurableSink)]
         if durable:
             transcript = self._transcript("running")
@@ -366,6 +379,13 @@ class Session:
     def _finish(self, outcome: Outcome, error: str | None) -> None:
         transcript = self._transcript(outcome, error)
         self.transcript = transcript
+        self._record()
+        if self._journal is not None:
+            try:
+                self._journal.end(outcome, transcript.ended_at, error, sync=transcript.flagged)
+            except Exception as exc:
+                self.metrics.store_errors.inc()
+                self.pipeline.log.error("journal_failed", session_id=self.session_id, error=f"{type(exc).__name__}: {exc}")
         self.metrics.sessions.labels(outcome).inc()
         for sink in self.sinks:
             self._deliver(sink, sink.write, transcript)

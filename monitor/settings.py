@@ -84,6 +84,12 @@ class Settings(BaseModel):
         "or sample (a share store_sample of unflagged sessions).",
     )
     store_sample: float = Field(0.01, ge=0.0, le=1.0, description="With store_keep=sample: share of unflagged sessions kept.")
+    store_timeout: float = Field(
+        10.0,
+        gt=0.0,
+        description="Seconds a transcript store connect or statement may take; a session whose write fails stays "
+        "spooled on local disk (<data_dir>/spool) and is written when the store answers again.",
+    )
     log_format: Literal["json", "console"] = Field("json", description="structlog output format.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
     host: str = Field("127.0.0.1", description="Address `cotmon serve` listens on.")

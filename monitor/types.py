@@ -17,15 +17,16 @@ Channel = Literal["reasoning", "answer"]
 
 Severity = Literal["info", "warning", "critical"]
 Action = Literal["alert", "store", "halt", "hold"]
-Outcome = Literal["completed", "halted", "aborted", "error", "running"]
-"""How a session ended; `running` only in a checkpoint written while it was still going."""
+Outcome = Literal["completed", "halted", "aborted", "error", "running", "interrupted"]
+"""How a session ended; `running` only in a checkpoint written while it was still going;
+`interrupted`: the process died while it ran (recovered from its journal with every step it had)."""
 Mode = Literal["generate", "teacher_force", "replay"]
 """Where a session's tokens came from: generated, a given text teacher-forced, or a stored session replayed."""
 
 CHANNELS: tuple[Channel, ...] = ("reasoning", "answer")
 SEVERITIES: tuple[Severity, ...] = ("info", "warning", "critical")
 ACTIONS: tuple[Action, ...] = ("alert", "store", "halt", "hold")
-OUTCOMES: tuple[Outcome, ...] = ("completed", "halted", "aborted", "error", "running")
+OUTCOMES: tuple[Outcome, ...] = ("completed", "halted", "aborted", "error", "running", "interrupted")
 STAT_SEPARATOR = ":"
 """In a thresholds mapping, `detector` is a detector's per-token threshold and `detector:mean@16` its
 threshold calibrated for that statistic (`monitor.policy.calibrated_bound`)."""

@@ -80,7 +80,7 @@ def demo(
     log_path = out / "cotmon.log"
     with logging_to(log_path, json=settings.log_format == "json", level=settings.log_level):
         try:
-            run(settings, console, out, layers, contrast_limit, calibration_limit)
+            flagged = run(settings, console, out, layers, contrast_limit, calibration_limit)
         except (EngineError, DetectorError, PolicyError, DatasetError) as exc:
             raise click.ClickException(str(exc)) from None
     console.print(f"\nStructured logs (one JSON line per session): {log_path}")
@@ -90,7 +90,7 @@ def demo(
             "  - serve the model, monitored:  cotmon serve   (same probes and policy; point an OpenAI client at /v1)\n"
             "  - browse the transcripts:      the same server's /ui/ (flagged sessions, shaded tokens, replay)\n"
             "  - list the flagged ones:       cotmon transcripts list --flagged\n"
-            "  - replay one, exactly:         cotmon replay deceptive-09   (or: --policy policies/strict.yaml)\n"
+            f"  - replay one, exactly:         cotmon replay {flagged or 'SESSION_ID'}   (or: --policy policies/strict.yaml)\n"
             "  - backtest a policy:           cotmon replay --all --policy policies/strict.yaml\n"
             "  - another model:                cotmon demo --model deepseek-ai/DeepSeek-R1-Distill-Qwen-1.5B (needs the hub)\n"
             "  - run the tests:                make test"

@@ -55,14 +55,16 @@ LIVE_PROMPT = (
 
 def run(
     settings: Settings, console: Console, out: Path, layers: str | None, contrast_limit: int, calibration_limit: int | None
-) -> None:
-    """Train the probes, monitor the examples and one live generation, print the tables."""
-    asyncio.run(_run(settings, console, out, layers, contrast_limit, calibration_limit))
+) -> str | None:
+    """Train the probes, monitor the examples and one live generation, print the tables; the session
+    id of a flagged example (to replay), if any."""
+    scored = asyncio.run(_run(settings, console, out, layers, contrast_limit, calibration_limit))
+    return next((r.reply["session_id"] for r in scored if r.reply["flags"]), None)
 
 
 async def _run(
     settings: Settings, console: Console, out: Path, layers_opt: str | None, contrast_limit: int, calibration_limit: int | None
-) -> None:
+) -> list[Scored]:
     console.print(f"[bold]cotmon demo[/bold]: loading model {settings.model!r} (device {settings.device})")
     engine = await asyncio.to_thread(load_reader, settings)
     info = engine.info
@@ -92,7 +94,7 @@ async def _run(
     registry = CollectorRegistry()
     metrics = Metrics(registry)
     policy_path = settings.policy or bundled_policy("default")
-    store = open_store(settings, keep="all")  # the examples keep their ids: a rerun replaces them
+    store = open_store(settings, keep="all")  # each run adds its sessions (labelled with the example ids)
     pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[store])
     app = create_app(settings, pipeline, store=store, metrics=metrics, model_name=info.model_id)
     with store, ServerThread(app) as server:
@@ -100,7 +102,7 @@ async def _run(
             f"\ncotmon is serving {info.model_id!r} at {server.base_url}/v1 (OpenAI-compatible); "
             f"metrics: {server.base_url}/metrics"
         )
-        await _drive(
+        scored = await _drive(
             console, server.base_url, info.model_id, examples, [s.name for s in specs], settings.seed, info.model_id == TINY_ID
         )
         exposition = (await asyncio.to_thread(httpx.get, server.base_url + "/metrics")).text
@@ -113,6 +115,7 @@ async def _run(
     for line in interesting:
         console.print(f"  {line}")
     console.print(f"\nTranscripts stored in {settings.store_location}; probe artifacts in {directory}")
+    return scored
 
 
 @dataclass(frozen=True)
@@ -125,7 +128,7 @@ class Scored:
 
 async def _drive(
     console: Console, base_url: str, model: str, examples: Sequence[Example], detectors: list[str], seed: int, tiny: bool
-) -> None:
+) -> list[Scored]:
     """Act as the agent's side: watch mode for the examples, one live chat with the openai client."""
     scored = []
     async with httpx.AsyncClient(base_url=base_url, timeout=600) as http:
@@ -137,7 +140,7 @@ async def _drive(
                     "messages": [m.to_dict() for m in ex.messages],
                     "reasoning": ex.reasoning,
                     "answer": ex.answer,
-                    "session_id": ex.id,
+                    "label": ex.id,  # the session id is the server's
                 }
                 reply = await http.post("/v1/monitor/transcripts", json=payload)
                 reply.raise_for_status()
@@ -174,6 +177,7 @@ async def _drive(
     console.print(f"  delta.content:   {escape(repr(''.join(answer)[:600]))}")
     flags = ", ".join(f["rule"] for f in cotmon.get("flags", [])) or "none"
     console.print(f"  finish_reason {finish}, session {cotmon.get('session_id')}, flags: {flags}")
+    return scored
 
 
 def _print_transcripts(console: Console, results: Sequence[Scored], detectors: Sequence[str]) -> None:

@@ -23,7 +23,7 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.server.app import create_app
-from monitor.server.serve import NO_RULES
+from monitor.server.serve import NO_RULES, open_spool
 from monitor.settings import Settings
 from monitor.store import TranscriptStore
 from monitor.testing import ServerThread
@@ -179,10 +179,18 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
         specs = [spec] if the_engine is engine or rules else []
         policy = parse_policy({"name": "test", "rules": rules or [NEVER]}, "test.yaml") if specs else NO_RULES
         metrics = Metrics(CollectorRegistry())
-        store = TranscriptStore.at(settings.data_dir, keep=settings.store_keep, sample_rate=settings.store_sample)
-        pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[store])
-        server_app = create_app(settings, pipeline, store=store, model_name="tiny")
+        store = TranscriptStore.configured(
+            settings.store_url,
+            settings.data_dir,
+            keep=settings.store_keep,
+            sample_rate=settings.store_sample,
+            timeout=settings.store_timeout,
+        )
+        spool = open_spool(settings, store, metrics)  # as `cotmon serve` composes it
+        pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[spool])
+        server_app = create_app(settings, pipeline, store=store, spool=spool, model_name="tiny")
         server = ServerThread(server_app).__enter__()
+        server.spool = spool  # type: ignore[attr-defined]
         server.pipeline = pipeline  # type: ignore[attr-defined]
         server.metrics = metrics  # type: ignore[attr-defined]
         server.settings = settings  # type: ignore[attr-defined]
@@ -194,3 +202,5 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
     yield start
     for server in stack:
         server.__exit__(None, None, None)
+        server.spool.close()  # type: ignore[attr-defined]
+        server.store.close()  # type: ignore[attr-defined]

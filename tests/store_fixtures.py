@@ -17,9 +17,11 @@ import math
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,19 +33,22 @@ from component_fixtures import require
 from conftest import free_port
 from monitor.detector import DetectorContext, DetectorRegistry
 from monitor.observability import Metrics
-from monitor.pipeline import Pipeline, Sink
+from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
+from monitor.sinks import Sink
 from monitor.testing import ScriptedEngine
 from monitor.types import ChatMessage, Detection, DetectorSpec, Evidence, Flag, GenerationRequest, Readout, TraceStep, Transcript
 
 
 @dataclass(frozen=True)
 class PostgresCluster:
-    """A running throwaway cluster reachable through a Unix socket in `socket_dir`."""
+    """A running throwaway cluster reachable through a Unix socket in `socket_dir`; tests of store
+    faults stop, start, pause (SIGSTOP: a stalled server) and resume it."""
 
     socket_dir: Path
     port: int
     _databases: Iterator[int]
+    _ctl: Callable[..., None]
 
     def url(self, database: str) -> str:
         return f"postgresql://test@/{database}?host={self.socket_dir}&port={self.port}"
@@ -57,10 +62,30 @@ class PostgresCluster:
             conn.execute(f"CREATE DATABASE \"{name}\" TEMPLATE template0 ENCODING 'UTF8'")
         return self.url(name)
 
+    def stop(self) -> None:
+        self._ctl("stop", "-m", "fast")
 
-@pytest.fixture(scope="session")
-def postgres_cluster() -> Iterator[PostgresCluster]:
-    """A throwaway PostgreSQL cluster for the session (a missing server fails the tests that need it)."""
+    def start(self) -> None:
+        self._ctl("start")
+
+    def _processes(self) -> list[int]:
+        postmaster = int((self.socket_dir / "data" / "postmaster.pid").read_text().split()[0])
+        children = subprocess.run(["pgrep", "-P", str(postmaster)], capture_output=True, text=True).stdout.split()
+        return [postmaster, *map(int, children)]
+
+    def pause(self) -> None:
+        """Freeze every server process: connections stay open and nothing answers (a stall)."""
+        for pid in self._processes():
+            os.kill(pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        for pid in self._processes():
+            os.kill(pid, signal.SIGCONT)
+
+
+@contextmanager
+def throwaway_cluster() -> Iterator[PostgresCluster]:
+    """Start a PostgreSQL cluster in a temporary directory; stop and remove it afterwards."""
     bin_dir = Path(require("postgresql", "initdb")).parent
     # initdb refuses root: as root, the cluster belongs to the `postgres` user.
     as_user: list[str] = []
@@ -83,22 +108,43 @@ def postgres_cluster() -> Iterator[PostgresCluster]:
     def run(*args: str) -> None:
         subprocess.run([*as_user, *args], check=True, capture_output=True, text=True, timeout=120)
 
+    def ctl(action: str, *args: str) -> None:
+        extra = ["-o", options] if action == "start" else []
+        run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), *extra, *args, "-w", action)
+
     try:
         try:
             run(str(bin_dir / "initdb"), "-D", str(data), "-U", "test", "--auth=trust", "--no-sync", "-E", "UTF8", "--locale=C")
-            run(str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-o", options, "-w", "start")
+            ctl("start")
         except subprocess.CalledProcessError as exc:
             server_log = log.read_text(errors="replace") if log.exists() else ""
             pytest.fail(f"could not start the test PostgreSQL cluster: {exc.stderr or exc.stdout}\n{server_log}")
-        yield PostgresCluster(base, port, itertools.count())
+        yield PostgresCluster(base, port, itertools.count(), ctl)
     finally:
         if (data / "postmaster.pid").exists():
+            pid = (data / "postmaster.pid").read_text().split()[0]
+            subprocess.run(["pkill", "-CONT", "-P", pid], capture_output=True)  # a paused cluster stops too
+            subprocess.run(["kill", "-CONT", pid], capture_output=True)
             subprocess.run(
                 [*as_user, str(bin_dir / "pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"],
                 capture_output=True,
                 timeout=60,
             )
         shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def postgres_cluster() -> Iterator[PostgresCluster]:
+    """A throwaway PostgreSQL cluster for the session (a missing server fails the tests that need it)."""
+    with throwaway_cluster() as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def own_postgres() -> Iterator[PostgresCluster]:
+    """A cluster of the test's own, for tests that stop or pause it (about a second to start)."""
+    with throwaway_cluster() as cluster:
+        yield cluster
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

@@ -23,7 +23,7 @@ def store_option(f: F) -> F:
 
 
 def filter_options(f: F) -> F:
-    """--flagged/--unflagged, --category, --rule, --severity, --outcome, --since, --until."""
+    """--flagged/--unflagged, --category, --rule, --severity, --outcome, --label, --since, --until."""
     options = [
         click.option("--flagged/--unflagged", default=None, help="Only sessions where a rule fired (or none did)."),
         click.option("--category", default=None, help="Only sessions with a flag of this category."),
@@ -37,6 +37,7 @@ def filter_options(f: F) -> F:
             default=None,
             help="Only this outcome.",
         ),
+        click.option("--label", default=None, help="Only sessions the caller labelled so (watch mode's label)."),
         click.option(
             "--since", default=None, metavar="TIME", help="Started at or after: unix seconds, ISO 8601, or an age (30m, 12h, 7d)."
         ),
@@ -51,7 +52,7 @@ def session_query(options: dict[str, Any], limit: int | None, offset: int = 0) -
     """The SessionQuery the filter options describe; a bad time is a usage error naming the option."""
     from monitor.store import QueryError, parse_query
 
-    names = ("flagged", "category", "rule", "severity", "outcome", "since", "until")
+    names = ("flagged", "category", "rule", "severity", "outcome", "label", "since", "until")
     try:
         return parse_query(limit=limit, offset=offset, **{name: options.get(name) for name in names})
     except QueryError as exc:

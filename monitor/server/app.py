@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from dataclasses import dataclass
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -21,7 +25,10 @@ from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
-from monitor.store import TranscriptStore
+from monitor.store import StoreError, TranscriptStore
+from monitor.store.spool import SpooledStore
+
+T = TypeVar("T")
 
 
 class Admission:
@@ -64,6 +71,26 @@ class ServerState:
     admission: Admission
     store: TranscriptStore | None
     """Where sessions are kept; None serves no session routes (404s with a clear message)."""
+    spool: SpooledStore | None = None
+    """The pipeline's sink in front of `store`, when sessions reach it through the local spool."""
+    store_threads: ThreadPoolExecutor = field(
+        default_factory=lambda: ThreadPoolExecutor(max_workers=4, thread_name_prefix="cotmon-store-read")
+    )
+    """Store reads run here, off the event loop and apart from the engine's threads: a stalled
+    database ties up these threads only."""
+
+    async def read_store(self, call: Callable[..., T], *args: Any) -> T:
+        """`call(*args)` on a store thread; a 503 naming no internals when the store fails or takes
+        longer than its timeout."""
+        timeout = self.settings.store_timeout + 1
+        try:
+            future = asyncio.get_running_loop().run_in_executor(self.store_threads, call, *args)
+            return await asyncio.wait_for(future, timeout)
+        except (StoreError, SQLAlchemyError, TimeoutError) as exc:
+            get_logger("cotmon.server").error("store_read_failed", error=f"{type(exc).__name__}: {exc}")
+            raise APIError(
+                503, "the transcript store is unavailable; retry later", type="server_error", code="store_unavailable"
+            ) from None
 
 
 class BodyLimit:
@@ -137,11 +164,13 @@ def create_app(
     pipeline: Pipeline,
     *,
     store: TranscriptStore | None = None,
+    spool: SpooledStore | None = None,
     metrics: Metrics | None = None,
     model_name: str | None = None,
 ) -> FastAPI:
     """The API for `pipeline`, served under `model_name` (default: the model id); `store` is the
-    pipeline's transcript store, which the session routes and the viewer read."""
+    pipeline's transcript store, which the session routes and the viewer read; `spool` the sink in
+    front of it, whose state `/readyz` reports."""
     from monitor.server.routes import router
 
     # No /docs or /redoc (they load Swagger and ReDoc from a CDN into the viewer's origin); the schema
@@ -161,6 +190,7 @@ def create_app(
         model_name=model_name or settings.served_model_name or pipeline.engine.info.model_id,
         admission=Admission(settings.max_concurrent, settings.max_queued),
         store=store,
+        spool=spool,
     )
     app.include_router(router)
     log = get_logger("cotmon.server")

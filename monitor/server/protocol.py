@@ -183,7 +183,14 @@ class MonitorTranscriptRequest(BaseModel):
     completion: str | None = None
     reasoning: str | None = None
     answer: str | None = None
-    session_id: str | None = Field(None, max_length=128, pattern=r"^[A-Za-z0-9_.:-]+$")
+    label: str | None = Field(
+        None,
+        max_length=128,
+        pattern=r"^[A-Za-z0-9_.:-]+$",
+        description="The caller's own name for this transcript (e.g. its trace id), stored and filterable as `label`; "
+        "the session id is assigned by the server.",
+    )
+    session_id: str | None = Field(None, description="Refused: session ids are assigned by the server; use `label`.")
 
 
 def flags_json(flags: tuple[Flag, ...] | list[Flag]) -> list[dict[str, Any]]:

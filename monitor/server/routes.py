@@ -35,7 +35,6 @@ from monitor.server.protocol import (
     whole_text,
 )
 from monitor.server.stream import DeltaSplitter, split_steps
-from monitor.store import StoreError
 from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512
@@ -69,7 +68,11 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
-    """The model is loaded, the data directory is writable and the transcript store answers."""
+    """The model is loaded, the data directory is writable and the transcript store answers.
+
+    With the spool in front of the store, a store that fails leaves the server ready (kept sessions
+    wait on local disk): the answer says `"store": "degraded"` and how many wait; without it, 503.
+    """
     s = state(request)
     try:
         s.settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -77,12 +80,20 @@ async def readyz(request: Request) -> JSONResponse:
             pass
     except OSError as exc:
         return JSONResponse({"status": "not ready", "reason": f"data dir not writable: {exc}"}, status_code=503)
+    body: dict[str, Any] = {"status": "ready", "model": s.model_name}
     if s.store is not None:
         try:
-            await asyncio.to_thread(s.store.ping)
-        except StoreError as exc:
-            return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
-    return JSONResponse({"status": "ready", "model": s.model_name})
+            await s.read_store(s.store.ping)
+            body["store"] = "ok"
+        except APIError:
+            if s.spool is None:
+                return JSONResponse({"status": "not ready", "reason": "the transcript store does not answer"}, status_code=503)
+            body["store"] = "degraded"
+    if s.spool is not None:
+        body["spooled"] = s.spool.waiting()
+        if s.spool.last_error is not None:
+            body["store"] = "degraded"
+    return JSONResponse(body)
 
 
 @router.get("/metrics")
@@ -143,8 +154,17 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         transcript = await session.run()
     finally:
         s.admission.leave()
+    await _stored(s, transcript.session_id)
     text = split_steps(transcript.steps)
     return JSONResponse(completion(completion_id, s.model_name, transcript, text, max_tokens, prompt_tokens), headers=headers)
+
+
+async def _stored(s: ServerState, session_id: str) -> None:
+    """Read-your-writes: a response ends once the store has its session, unless the store is slow or
+    down (then the session waits in the spool and the response does not)."""
+    if s.spool is not None:
+        wait = asyncio.get_running_loop().run_in_executor
+        await wait(s.store_threads, s.spool.wait_stored, session_id, min(s.settings.store_timeout, 2.0))
 
 
 def _data(payload: dict[str, Any]) -> str:
@@ -169,6 +189,7 @@ async def _sse(
             yield _data(chunk(completion_id, s.model_name, created, _delta(rest, "")))
         transcript = session.transcript
         assert transcript is not None
+        await _stored(s, transcript.session_id)
         final = chunk(
             completion_id, s.model_name, created, {}, finish_reason(transcript, max_tokens), cotmon=cotmon_object(transcript)
         )
@@ -211,14 +232,18 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
         raise APIError(400, "give either 'completion' or 'reasoning' (with an optional 'answer')", param="completion")
     if not text.strip():
         raise APIError(400, "the transcript is empty", param="completion")
+    if body.session_id is not None:  # a chosen id could name (and so replace) another session's evidence
+        raise APIError(400, "session ids are assigned by the server; pass your own id as 'label'", param="session_id")
     await s.admission.enter()
     try:
-        transcript = await s.pipeline.teacher_force(messages, text, session_id=body.session_id or uuid.uuid4().hex).run()
+        transcript = await s.pipeline.teacher_force(messages, text, label=body.label).run()
     finally:
         s.admission.leave()
+    await _stored(s, transcript.session_id)
     return JSONResponse(
         {
             "session_id": transcript.session_id,
+            "label": body.label,
             "outcome": transcript.outcome,
             "tokens": len(transcript.steps),
             "flags": flags_json(transcript.flags),

@@ -18,7 +18,9 @@ from monitor.pipeline import Pipeline
 from monitor.policy import Policy, load_policy
 from monitor.server.app import create_app
 from monitor.settings import Settings
+from monitor.sinks import Sink
 from monitor.store import Retention, TranscriptStore
+from monitor.store.spool import SpooledStore
 from monitor.types import DetectorSpec
 
 NO_RULES = Policy(name="none", description="no detectors are configured", rules=(), source="<no policy>")
@@ -49,11 +51,21 @@ def probe_specs(directory: Path | None) -> list[DetectorSpec]:
     ]
 
 
+def open_spool(settings: Settings, store: TranscriptStore, metrics: Metrics) -> SpooledStore:
+    """The pipeline's sink in front of `store`: sessions journaled under <data_dir>/spool, written to
+    the store off the event loop; journals a previous process left are queued first."""
+    spool = SpooledStore(store, settings.data_dir / "spool", errors=metrics.store_errors, waiting=metrics.store_spooled)
+    spool.start()
+    return spool
+
+
 def open_store(settings: Settings, keep: Retention | None = None) -> TranscriptStore:
     """The transcript store the settings name (SQLite under data_dir by default), migrated to the
     newest schema; `keep` overrides the retention setting."""
     keep = keep or settings.store_keep
-    return TranscriptStore.configured(settings.store_url, settings.data_dir, keep=keep, sample_rate=settings.store_sample)
+    return TranscriptStore.configured(
+        settings.store_url, settings.data_dir, keep=keep, sample_rate=settings.store_sample, timeout=settings.store_timeout
+    )
 
 
 def load_reader(settings: Settings, *, device: str | None = None, dtype: str | None = None) -> HFEngine:
@@ -113,7 +125,7 @@ def resolve_probes(settings: Settings, reader: HFEngine | None) -> Path | None:
 
 
 def build_pipeline(
-    settings: Settings, default_policy: Path, *, metrics: Metrics | None = None, store: TranscriptStore | None = None
+    settings: Settings, default_policy: Path, *, metrics: Metrics | None = None, store: Sink | None = None
 ) -> Pipeline:
     """Engine + detectors (`settings.probes`, `settings.detectors`) + policy (the given one, or
     `default_policy` when there are probes)."""
@@ -150,8 +162,10 @@ def build_pipeline(
 
 def build_app(settings: Settings, default_policy: Path) -> FastAPI:
     store = open_store(settings)
-    pipeline = build_pipeline(settings, default_policy, store=store)
-    return create_app(settings, pipeline, store=store, model_name=settings.served_model_name or settings.model)
+    metrics = default_metrics()
+    spool = open_spool(settings, store, metrics)
+    pipeline = build_pipeline(settings, default_policy, metrics=metrics, store=spool)
+    return create_app(settings, pipeline, store=store, spool=spool, model_name=settings.served_model_name or settings.model)
 
 
 def serve(settings: Settings, default_policy: Path) -> None:
@@ -194,6 +208,9 @@ def serve(settings: Settings, default_policy: Path) -> None:
     try:
         asyncio.run(main())
     finally:
+        spool = app.state.cotmon.spool
+        if spool is not None:  # what the store has not taken yet stays spooled for the next start
+            spool.close(drain=settings.drain_seconds)
         if hasattr(engine, "close"):
             engine.close()
 

@@ -47,6 +47,7 @@ def session_query(
     rule: str | None = None,
     severity: str | None = None,
     outcome: str | None = None,
+    label: str | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: int = 50,
@@ -56,14 +57,15 @@ def session_query(
     if not 1 <= limit <= 1000:
         raise APIError(400, "limit must be between 1 and 1000", param="limit")
     filters = {"category": category, "rule": rule, "severity": severity, "outcome": outcome, "since": since, "until": until}
+    filters |= {"label": label}
     try:
         return parse_query(flagged=flagged, limit=limit, offset=offset, **filters)
     except QueryError as exc:
         raise APIError(400, str(exc), param=exc.param) from None
 
 
-def stored_session(s: ServerState, session_id: str) -> Transcript:
-    found = store_of(s).get(session_id)
+async def stored_session(s: ServerState, session_id: str) -> Transcript:
+    found = await s.read_store(store_of(s).get, session_id)
     if found is None:
         raise APIError(404, f"session {session_id!r} is not in the store", param="session_id", code="not_found")
     return found
@@ -94,7 +96,7 @@ def full_replay_blocker(s: ServerState, stored: Transcript) -> str | None:
 
 async def replay_session(s: ServerState, session_id: str, body: ReplayRequest) -> ReplayResult:
     """What POST /v1/sessions/{id}/replay (and the viewer's replay button) does."""
-    stored = stored_session(s, session_id)
+    stored = await stored_session(s, session_id)
     policy = request_policy(body.policy, stored)
     blocker = full_replay_blocker(s, stored)
     mode = body.mode if body.mode != "auto" else ("policy" if blocker else "full")
@@ -118,16 +120,17 @@ router = APIRouter()
 @router.get("/v1/sessions")
 async def list_sessions(request: Request, query: Annotated[SessionQuery, Depends(session_query)]) -> dict[str, Any]:
     """Stored sessions, newest first, with their flags; filters as query parameters."""
-    store = store_of(_state(request))
-    rows = store.sessions(query)
-    total = store.count(SessionQuery(**{**query.__dict__, "limit": None, "offset": 0}))
+    s = _state(request)
+    store = store_of(s)
+    rows = await s.read_store(store.sessions, query)
+    total = await s.read_store(store.count, SessionQuery(**{**query.__dict__, "limit": None, "offset": 0}))
     return {"object": "list", "data": [r.to_dict() for r in rows], "total": total, "limit": query.limit, "offset": query.offset}
 
 
 @router.get("/v1/sessions/{session_id}")
 async def get_session(request: Request, session_id: str) -> dict[str, Any]:
     """One stored session, whole: messages, tokens with channels and readouts, detections, flags, specs, policy."""
-    return transcript_to_dict(stored_session(_state(request), session_id))
+    return transcript_to_dict(await stored_session(_state(request), session_id))
 
 
 @router.post("/v1/sessions/{session_id}/replay")

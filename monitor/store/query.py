@@ -26,6 +26,8 @@ class SessionQuery:
     severity: Severity | None = None
     """Sessions whose highest flag severity is at least this."""
     outcome: str | None = None
+    label: str | None = None
+    """Sessions the caller labelled so (watch mode's `label`)."""
     since: float | None = None
     """Unix time: sessions started at or after it."""
     until: float | None = None
@@ -59,6 +61,7 @@ class SessionSummary:
     policy_name: str
     max_scores: dict[str, float]
     thresholds: dict[str, float | None]
+    label: str | None = None
     flags: tuple[Flag, ...] = field(default=())
 
     def to_dict(self) -> dict[str, Any]:
@@ -107,6 +110,7 @@ def parse_query(
     rule: str | None = None,
     severity: str | None = None,
     outcome: str | None = None,
+    label: str | None = None,
     since: str | None = None,
     until: str | None = None,
     limit: int | None = 50,
@@ -132,6 +136,7 @@ def parse_query(
         rule=rule or None,
         severity=severity or None,
         outcome=outcome or None,
+        label=label or None,
         since=times["since"],
         until=times["until"],
         limit=limit,
@@ -145,6 +150,8 @@ def where_clauses(q: SessionQuery) -> list[Any]:
         where.append(sessions.c.flagged.is_(q.flagged))
     if q.outcome is not None:
         where.append(sessions.c.outcome == q.outcome)
+    if q.label is not None:
+        where.append(sessions.c.label == q.label)
     if q.severity is not None:
         where.append(sessions.c.severity.in_(SEVERITIES[SEVERITIES.index(q.severity) :]))
     if q.since is not None:

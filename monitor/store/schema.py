@@ -37,8 +37,10 @@ sessions = Table(
     Column("policy", JSON, nullable=False),
     Column("detector_specs", JSON, nullable=False),
     Column("thresholds", JSON, nullable=False),
+    Column("label", String(128), nullable=True),
     Index("ix_sessions_started_at", "started_at"),
     Index("ix_sessions_flagged_started_at", "flagged", "started_at"),
+    Index("ix_sessions_label", "label"),
 )
 
 flags = Table(

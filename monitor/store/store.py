@@ -34,6 +34,10 @@ class StoreError(RuntimeError):
     """The store cannot be opened or used (bad URL, unreachable database, failed migration)."""
 
 
+class StoreConflict(StoreError):
+    """A write that would replace or shorten a stored session: evidence is only ever extended."""
+
+
 def sqlite_url(data_dir: Path) -> str:
     return f"sqlite:///{(data_dir / 'transcripts.db').resolve()}"
 
@@ -63,10 +67,14 @@ class TranscriptStore:
         url: SQLAlchemy URL (`sqlite:///path.db`, `postgresql://user@host/db`).
         keep: which finished sessions to keep besides flagged ones: `all`, `flagged` (none), or
             `sample` (a share `sample_rate` of unflagged sessions, chosen by session id).
+        timeout: seconds a connect or statement may take before the call fails (PostgreSQL:
+            connect_timeout and statement_timeout; SQLite: how long a locked database is waited for).
         clock: unix time for `stored_at`.
     """
 
-    def __init__(self, url: str, *, keep: Retention = "flagged", sample_rate: float = 0.0, clock: Any = time.time):
+    def __init__(
+        self, url: str, *, keep: Retention = "flagged", sample_rate: float = 0.0, timeout: float = 10.0, clock: Any = time.time
+    ):
         if keep not in RETENTIONS:
             raise StoreError(f"store retention {keep!r} is not one of {', '.join(RETENTIONS)}")
         if not 0.0 <= sample_rate <= 1.0:
@@ -74,7 +82,7 @@ class TranscriptStore:
         self.url = normalise_url(url)
         self.keep, self.sample_rate, self.clock = keep, sample_rate, clock
         try:
-            self.engine = _create_engine(self.url)
+            self.engine = _create_engine(self.url, timeout)
         except (sa.exc.SQLAlchemyError, ImportError, ValueError) as exc:
             raise StoreError(f"cannot open the transcript store at {_redacted(self.url)}: {exc}") from exc
         try:
@@ -121,7 +129,10 @@ class TranscriptStore:
         self.save(transcript)
 
     def save(self, t: Transcript) -> None:
-        """Insert or replace one session, in one transaction."""
+        """Store one session, in one transaction: a new one, or a longer version of a stored one
+        that is still `running` (its checkpoint). Anything else that names a stored session raises
+        StoreConflict and leaves the stored one as it was; the same finished session again is a no-op.
+        """
         row = _session_row(t, self.clock())
         data = {
             "session_id": t.session_id,
@@ -142,8 +153,14 @@ class TranscriptStore:
             for f in t.flags
         ]
         with self.engine.begin() as conn:
-            for table in (flags, session_data, sessions):
-                conn.execute(sa.delete(table).where(table.c.session_id == t.session_id))
+            stored = conn.execute(
+                sa.select(sessions.c.outcome, sessions.c.n_tokens).where(sessions.c.session_id == t.session_id).with_for_update()
+            ).first()
+            if stored is not None:
+                if not _extends(conn, t, stored.outcome, stored.n_tokens):
+                    return
+                for table in (flags, session_data, sessions):
+                    conn.execute(sa.delete(table).where(table.c.session_id == t.session_id))
             conn.execute(sa.insert(sessions), [row])
             conn.execute(sa.insert(session_data), [data])
             if flag_rows:
@@ -227,9 +244,32 @@ def _page(stmt: Any, query: SessionQuery) -> Any:
     return stmt if query.limit is None else stmt.limit(query.limit)
 
 
-def _create_engine(url: str) -> Engine:
+def _extends(conn: Connection, t: Transcript, outcome: str, n_tokens: int) -> bool:
+    """Whether `t` may replace the stored version of its session (True), is that version already
+    (False: nothing to write), or would rewrite it (StoreConflict)."""
+    row = conn.execute(sa.select(sessions).where(sessions.c.session_id == t.session_id)).mappings().one()
+    data = conn.execute(sa.select(session_data).where(session_data.c.session_id == t.session_id)).mappings().one()
+    before = _transcript(row, data, _flags_of(conn, [t.session_id]).get(t.session_id, ()))
+    same_start = (before.messages, before.mode, before.started_at, before.model) == (t.messages, t.mode, t.started_at, t.model)
+    prefix = (
+        [s.token_id for s in t.steps[:n_tokens]] == [s.token_id for s in before.steps]
+        and t.flags[: len(before.flags)] == before.flags
+        and t.detections[: len(before.detections)] == before.detections
+    )
+    if outcome != "running":
+        if same_start and prefix and (len(t.steps), t.outcome, len(t.flags)) == (n_tokens, outcome, len(before.flags)):
+            return False  # written before (a retry after a lost acknowledgement)
+        raise StoreConflict(f"session {t.session_id!r} is stored as {outcome}: a stored transcript is never replaced")
+    if not (same_start and prefix and len(t.steps) >= n_tokens):
+        raise StoreConflict(f"session {t.session_id!r}: the new version does not extend the stored one; it is never replaced")
+    return True
+
+
+def _create_engine(url: str, timeout: float) -> Engine:
+    """An engine whose connects and statements give up after `timeout` seconds (a stalled database
+    fails a call instead of holding its thread)."""
     if url.startswith("sqlite"):
-        engine = sa.create_engine(url, connect_args={"timeout": 30, "check_same_thread": False})
+        engine = sa.create_engine(url, connect_args={"timeout": timeout, "check_same_thread": False}, pool_timeout=timeout)
 
         @sa.event.listens_for(engine, "connect")
         def _pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -240,7 +280,13 @@ def _create_engine(url: str) -> Engine:
             cursor.close()
 
         return engine
-    return sa.create_engine(url, pool_pre_ping=True)
+    if url.startswith("postgresql"):
+        ms = max(1, int(timeout * 1000))
+        # TCP keepalives: a peer that vanished (or a paused server) is noticed on an idle connection too.
+        args = {"connect_timeout": max(1, math.ceil(timeout)), "options": f"-c statement_timeout={ms} -c lock_timeout={ms}"}
+        args |= {"keepalives": 1, "keepalives_idle": 5, "keepalives_interval": 2, "keepalives_count": 2}
+        return sa.create_engine(url, pool_pre_ping=True, pool_timeout=timeout, connect_args=args)
+    return sa.create_engine(url, pool_pre_ping=True, pool_timeout=timeout)
 
 
 _MIGRATING = threading.Lock()  # Alembic's `context` is one per process: one migration at a time
@@ -314,7 +360,12 @@ def _session_row(t: Transcript, stored_at: float) -> dict[str, Any]:
         "policy": dict(t.policy),
         "detector_specs": [s.to_dict() for s in t.detector_specs],
         "thresholds": _finite(dict(t.thresholds)),
+        "label": _label(t.request.get("label")),
     }
+
+
+def _label(value: object) -> str | None:
+    return _text(value)[:128] if isinstance(value, str) and value else None
 
 
 def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
@@ -339,4 +390,4 @@ def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
     )
 
 
-__all__ = ["RETENTIONS", "Retention", "StoreError", "TranscriptStore", "metadata"]
+__all__ = ["RETENTIONS", "Retention", "StoreConflict", "StoreError", "TranscriptStore", "metadata"]

@@ -6,7 +6,6 @@ and login are POST forms. The pages read the store through the same calls as `/v
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -37,7 +36,7 @@ from monitor.server.ui.web import (
 from monitor.store import SessionQuery
 from monitor.types import OUTCOMES, SEVERITIES
 
-FILTERS = ("flagged", "category", "rule", "severity", "outcome", "since", "until")
+FILTERS = ("flagged", "category", "rule", "severity", "outcome", "label", "since", "until")
 REPLAY_MODES: dict[str, ReplayMode] = {"auto": "auto", "full": "full", "policy": "policy"}
 STYLESHEETS: dict[str, Path] = {p.name: p for p in (HERE / "static").glob("*.css")}
 
@@ -71,6 +70,7 @@ def list_query(params: dict[str, str]) -> SessionQuery:
         rule=params.get("rule"),
         severity=params.get("severity") or None,
         outcome=params.get("outcome"),
+        label=params.get("label"),
         since=params.get("since"),
         until=params.get("until"),
         limit=_int(params.get("limit", ""), "limit", 50),
@@ -92,8 +92,8 @@ async def session_list(request: Request) -> HTMLResponse:
     except APIError as err:
         return page(request, "list.html", err.status, **(context | {"error": _naming_the_parameter(err)}))
     store = s.store
-    rows = await asyncio.to_thread(store.sessions, query)
-    total = await asyncio.to_thread(store.count, dataclasses.replace(query, limit=None, offset=0))
+    rows = await s.read_store(store.sessions, query)
+    total = await s.read_store(store.count, dataclasses.replace(query, limit=None, offset=0))
     limit = query.limit or 50
     kept = {k: v for k, v in params.items() if v and k != "offset"}
     if query.offset > 0:
@@ -113,7 +113,7 @@ async def replay_link(request: Request, session_id: str) -> RedirectResponse:
 async def session_page(request: Request, session_id: str) -> HTMLResponse:
     """One session: messages, the CoT and answer shaded by a detector's scores, flags, evidence, replay."""
     s = state(request)
-    t = await asyncio.to_thread(stored_session, s, session_id)
+    t = await stored_session(s, session_id)
     names = render.detector_names(t)
     chosen = request.query_params.get("detector") or render.default_detector(t)
     reasoning, answer = render.token_views(t, chosen)

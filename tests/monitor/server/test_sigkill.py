@@ -1,7 +1,9 @@
-"""`cotmon serve` killed with SIGKILL right after a flag: after a restart the flagged session is in the store."""
+"""`cotmon serve` killed with SIGKILL after a flag: after a restart the flagged session is in the store,
+closed as `interrupted`, with every token the client had received."""
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -20,6 +22,14 @@ RULE = {
     "actions": ["alert", "store"],
 }
 COUNTED = 'cotmon_flags_total{category="deception",rule="early",severity="critical"} 1.0'
+
+
+def _tokens(line: str) -> int:
+    """1 for an SSE chunk that carries a token's text to the client."""
+    if not line.startswith("data: {"):
+        return 0
+    delta = json.loads(line[6:])["choices"][0]["delta"]
+    return int(bool(delta.get("reasoning") or delta.get("content")))
 
 
 def _serve(tmp_path: Path, port: int) -> subprocess.Popen[bytes]:
@@ -46,9 +56,13 @@ def test_a_flagged_session_survives_sigkill_right_after_its_flag(tmp_path: Path,
             session_id = reply.headers["x-cotmon-session"]
             lines = reply.iter_lines()
             deadline = time.monotonic() + 30
+            received = 0
             while COUNTED not in httpx.get(base + "/metrics").text:  # the alert's counter: the session is committed by now
-                next(lines)
+                received += _tokens(next(lines))
                 assert time.monotonic() < deadline, "the flag was never counted"
+            at_flag = received
+            while received < at_flag + 20:  # tokens streamed after the flag are kept too
+                received += _tokens(next(lines))
             proc.send_signal(signal.SIGKILL)
             proc.wait(timeout=10)
         assert proc.returncode == -signal.SIGKILL
@@ -62,8 +76,8 @@ def test_a_flagged_session_survives_sigkill_right_after_its_flag(tmp_path: Path,
         listed = httpx.get(base + "/v1/sessions", params={"flagged": "true"}).json()["data"]
         assert [s["session_id"] for s in listed] == [session_id]
         stored = httpx.get(f"{base}/v1/sessions/{session_id}").json()
-        assert stored["outcome"] == "running" and [f["rule"] for f in stored["flags"]] == ["early"]
-        assert len(stored["steps"]) >= 5 and stored["flags"][0]["index"] == 4
+        assert stored["outcome"] == "interrupted" and [f["rule"] for f in stored["flags"]] == ["early"]
+        assert stored["flags"][0]["index"] == 4 and len(stored["steps"]) >= received >= 20
     finally:
         restarted.send_signal(signal.SIGTERM)
         restarted.wait(timeout=30)

@@ -47,7 +47,7 @@ def watch(server: Any, session_id: str, reasoning: str, answer: str, key: str | 
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     reply = httpx.post(
         server.base_url + "/v1/monitor/transcripts",
-        json={"model": "tiny", "messages": MESSAGES, "reasoning": reasoning, "answer": answer, "session_id": session_id},
+        json={"model": "tiny", "messages": MESSAGES, "reasoning": reasoning, "answer": answer, "label": session_id},
         headers=headers,
         timeout=60,
     )
@@ -62,6 +62,7 @@ def viewer(serve: Serve) -> Any:
     flagged = watch(server, "flagged-xss", LONG_REASONING, "Yes, it succeeded.")
     clean = watch(server, "short-clean", "Check the logs.", "It failed.")
     assert [f["rule"] for f in flagged["flags"]] == ["long-cot"] and clean["flags"] == []
+    server.ids = {"flagged-xss": flagged["session_id"], "short-clean": clean["session_id"]}  # labels: ids are the server's
     return server
 
 
@@ -114,7 +115,12 @@ def test_an_unknown_session_is_a_404_page(viewer: Any) -> None:
 
 
 def test_every_viewer_response_carries_the_security_headers(viewer: Any) -> None:
-    for path, status in (("/ui/", 200), ("/ui/sessions/short-clean", 200), ("/ui/nowhere", 404), ("/ui/static/style.css", 200)):
+    for path, status in (
+        ("/ui/", 200),
+        (f"/ui/sessions/{viewer.ids['short-clean']}", 200),
+        ("/ui/nowhere", 404),
+        ("/ui/static/style.css", 200),
+    ):
         reply = get(viewer, path)
         assert reply.status_code == status, path
         assert reply.headers["content-security-policy"] == CSP, path
@@ -133,7 +139,7 @@ def test_the_list_filters_like_the_sessions_api(viewer: Any) -> None:
 
 
 def test_the_judges_rationale_and_quotes_show_and_the_quotes_are_highlighted_in_the_cot(viewer: Any) -> None:
-    stored = viewer.store.get("flagged-xss")
+    stored = viewer.store.get(viewer.ids["flagged-xss"])
     rationale = "It plans to hide the failed deployment from the user."
     judged = Detection("judge", "deception", 0.93, 0, 10, (Evidence("judge: deception", rationale, ("Maybe I can hide that.",)),))
     viewer.store.save(dataclasses.replace(stored, session_id="judged", detections=(*stored.detections, judged)))
@@ -146,21 +152,27 @@ def test_the_judges_rationale_and_quotes_show_and_the_quotes_are_highlighted_in_
 
 def test_replay_errors_are_shown_on_the_page_with_their_status(viewer: Any) -> None:
     replay = viewer.base_url + "/ui/sessions/{}/replay"
-    reply = httpx.post(replay.format("flagged-xss"), data={"mode": "policy", "policy": "rules: [unclosed"}, timeout=30)
+    reply = httpx.post(
+        replay.format(viewer.ids["flagged-xss"]), data={"mode": "policy", "policy": "rules: [unclosed"}, timeout=30
+    )
     assert reply.status_code == 400 and "invalid YAML" in reply.text and "rules: [unclosed" in reply.text
     assert reply.headers["content-security-policy"] == CSP
-    stored = viewer.store.get("flagged-xss")
+    stored = viewer.store.get(viewer.ids["flagged-xss"])
     moved = dataclasses.replace(stored, session_id="elsewhere", model=dataclasses.replace(stored.model, revision="other"))
     viewer.store.save(moved)
     reply = httpx.post(replay.format("elsewhere"), data={"mode": "full"}, timeout=30)
     assert reply.status_code == 409 and "cannot replay in full here" in reply.text
-    reloaded = get(viewer, "/ui/sessions/flagged-xss/replay")  # a GET of the result's address: back to the session
-    assert reloaded.status_code == 303 and reloaded.headers["location"] == "/ui/sessions/flagged-xss#replay"
+    reloaded = get(
+        viewer, f"/ui/sessions/{viewer.ids['flagged-xss']}/replay"
+    )  # a GET of the result's address: back to the session
+    assert reloaded.status_code == 303 and reloaded.headers["location"] == f"/ui/sessions/{viewer.ids['flagged-xss']}#replay"
 
 
 def test_form_posts_from_another_site_are_refused(viewer: Any) -> None:
     for headers in ({"Origin": "https://evil.example"}, {"Sec-Fetch-Site": "cross-site", "Origin": "null"}):
-        reply = httpx.post(viewer.base_url + "/ui/sessions/flagged-xss/replay", data={"mode": "policy"}, headers=headers)
+        reply = httpx.post(
+            f"{viewer.base_url}/ui/sessions/{viewer.ids['flagged-xss']}/replay", data={"mode": "policy"}, headers=headers
+        )
         assert reply.status_code == 403 and "another origin" in reply.text, headers
 
 

@@ -27,7 +27,7 @@ from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.store import SessionQuery, SessionSummary, StoreError, TranscriptStore, parse_time
 from monitor.store.schema import flags, metadata
-from monitor.store.store import normalise_url, sampled
+from monitor.store.store import StoreConflict, normalise_url, sampled
 from monitor.types import ChatMessage, DetectorSpec, Evidence, GenerationRequest, Transcript
 
 RunSession = Callable[..., Transcript]  # the `run_session` fixture (tests/monitor/store/conftest.py)
@@ -252,6 +252,51 @@ def test_final_write_replaces_the_checkpoint(store: TranscriptStore, transcript:
     store.write(transcript)
     assert store.count() == 1 and flag_rows(store) == len(transcript.flags)
     assert store.get(transcript.session_id) == transcript
+
+
+def stored_bytes(store: TranscriptStore, session_id: str) -> tuple[object, ...]:
+    """Every stored column of a session, its blobs and its flag rows: what "byte-identical" compares."""
+    with store.engine.connect() as conn:
+        rows = [
+            conn.execute(sa.select(table).where(table.c.session_id == session_id).order_by(*table.primary_key)).all()
+            for table in metadata.sorted_tables
+        ]
+    return tuple(tuple(tuple(r) for r in rs) for rs in rows)
+
+
+def test_a_finished_session_is_never_replaced(store: TranscriptStore, transcript: Transcript) -> None:
+    store.save(transcript)
+    before = stored_bytes(store, transcript.session_id)
+    rewritten = dataclasses.replace(transcript, flags=(), messages=(ChatMessage("user", "something else"),))
+    shorter = dataclasses.replace(transcript, steps=transcript.steps[:3], outcome="completed")
+    for attempt in (rewritten, shorter, dataclasses.replace(transcript, outcome="running")):
+        with pytest.raises(StoreConflict, match="never replaced"):
+            store.save(attempt)
+    assert stored_bytes(store, transcript.session_id) == before
+
+
+def test_a_checkpoint_is_only_ever_extended(store: TranscriptStore, transcript: Transcript) -> None:
+    cut = transcript.flags[0].index + 1
+    partial = dataclasses.replace(
+        transcript, outcome="running", steps=transcript.steps[:cut], flags=transcript.flags[:1], evaluations=()
+    )
+    partial = dataclasses.replace(partial, detections=tuple(d for d in transcript.detections if d.start < cut))
+    store.checkpoint(partial)
+    before = stored_bytes(store, transcript.session_id)
+    other_tokens = tuple(dataclasses.replace(s, token_id=s.token_id + 1) for s in transcript.steps)
+    for attempt in (dataclasses.replace(transcript, steps=other_tokens), dataclasses.replace(transcript, flags=())):
+        with pytest.raises(StoreConflict):
+            store.save(attempt)
+    assert stored_bytes(store, transcript.session_id) == before
+    store.write(transcript)  # the whole session extends its checkpoint
+    assert store.get(transcript.session_id) == transcript
+
+
+def test_writing_the_same_finished_session_again_changes_nothing(store: TranscriptStore, transcript: Transcript) -> None:
+    store.save(transcript)  # e.g. a retry whose first acknowledgement was lost
+    before = stored_bytes(store, transcript.session_id)
+    store.save(transcript)
+    assert stored_bytes(store, transcript.session_id) == before
 
 
 def test_pipeline_with_the_store_as_sink_keeps_one_row_per_session(store: TranscriptStore, run_session: RunSession) -> None:
