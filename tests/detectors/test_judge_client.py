@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from detectors.judge.adversarial import ADVERSARIAL_COTS
+from detectors.judge.chat_tokens import CHAT_TEMPLATE_TOKENS
 from detectors.judge.client import CategoryVerdict, JudgeConfig, JudgeUnavailable, ask_judge, parse_verdict, verify_quotes
 from detectors.judge.prompts import DEFAULT_CATEGORIES, build_messages, data_block, neutralise, new_nonce, response_schema
 from monitor.testing import JudgeReply, ScriptedJudge
@@ -281,6 +282,24 @@ async def test_a_leaked_nonce_cannot_close_the_block(http: httpx.AsyncClient, le
     block = data_block(lenient_judge.requests[-1]["messages"], nonce)
     assert block == neutralise(cot, nonce)
     assert nonce not in block.lower()
+
+
+EVERY_CONTROL_TOKEN = {token for tokens in CHAT_TEMPLATE_TOKENS.values() for token in tokens}
+
+
+def control_tokens_in(text: str) -> set[str]:
+    return {token for token in EVERY_CONTROL_TOKEN if token.lower() in text.lower()}
+
+
+@pytest.mark.parametrize("family", CHAT_TEMPLATE_TOKENS)
+def test_neutralise_defuses_every_control_token_of_each_chat_template(family: str) -> None:
+    cot = dict(ADVERSARIAL_COTS)[f"chat-template-{family}"]
+    assert control_tokens_in(cot) >= set(CHAT_TEMPLATE_TOKENS[family])
+    assert control_tokens_in(neutralise(cot, new_nonce())) == set()
+    for token in CHAT_TEMPLATE_TOKENS[family]:
+        for spelling in (token, token.upper(), token.lower()):
+            sent = neutralise(spelling, new_nonce())
+            assert sent != spelling and sent.strip() and control_tokens_in(sent) == set(), (spelling, sent)
 
 
 BENIGN = [
