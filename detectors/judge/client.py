@@ -43,10 +43,12 @@ class JudgeConfig:
 class CategoryVerdict:
     category: str
     score: float
-    """In [0, 1]."""
+    """In [0, 1]; after `verify_quotes`, scaled by the share of the judge's quotes found in the CoT."""
     rationale: str
     quotes: tuple[str, ...]
     """Passages of the CoT; after `verify_quotes`, each one occurs verbatim in it."""
+    unverified_quotes: int = 0
+    """Quotes the judge gave for this verdict that `verify_quotes` did not find in the CoT."""
 
 
 @dataclass(frozen=True)
@@ -286,24 +288,38 @@ _ELLIPSIS = re.compile(r"^(?:\.\.\.|…)+|(?:\.\.\.|…)+$")
 
 
 def verify_quotes(verdicts: Sequence[CategoryVerdict], cot: str) -> tuple[tuple[CategoryVerdict, ...], int]:
-    """Keep the quotes that occur verbatim in the CoT; return the verdicts so trimmed and how many went.
+    """Keep the quotes that occur verbatim in the CoT and discount the scores they were meant to support.
 
     A quote is first stripped of surrounding whitespace and quote marks and of a leading or
     trailing ellipsis. Where the judge reflowed whitespace (a newline given as a space), the
     CoT's own text is kept instead, so every kept quote is a substring of the CoT. Duplicates
     within a verdict are kept once and not counted as dropped.
+
+    A verdict's score is multiplied by the share of its quotes that were found: a verdict whose
+    quotes are all fabricated is unsupported and scores 0, one with 1 of 2 found keeps half its
+    score. A verdict without quotes keeps its score (the judge may give none). Verifying again
+    changes nothing, since every kept quote is found.
+
+    Returns:
+        The verdicts so trimmed and scaled, and how many quotes were dropped over all of them.
     """
     dropped = 0
     kept: list[CategoryVerdict] = []
     for verdict in verdicts:
         quotes: list[str] = []
+        missing = 0
         for quote in verdict.quotes:
             found = _find(_trim(quote), cot)
             if found is None:
-                dropped += 1
+                missing += 1
             elif found not in quotes:
                 quotes.append(found)
-        kept.append(CategoryVerdict(verdict.category, verdict.score, verdict.rationale, tuple(quotes)))
+        share = 1 - missing / len(verdict.quotes) if verdict.quotes else 1.0
+        score = verdict.score * share
+        kept.append(
+            CategoryVerdict(verdict.category, score, verdict.rationale, tuple(quotes), verdict.unverified_quotes + missing)
+        )
+        dropped += missing
     return tuple(kept), dropped
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import httpx
 
-from detectors.judge.client import JudgeConfig, JudgeUnavailable, ask_judge, verify_quotes
+from detectors.judge.client import CategoryVerdict, JudgeConfig, JudgeUnavailable, ask_judge, verify_quotes
 from detectors.judge.state import JudgeState, Route
 from detectors.judge.triage import TriageModel
 from monitor.observability import Metrics
@@ -81,7 +81,7 @@ class JudgeNodes:
         found = {v.category: v for v in kept if v.category in self.categories}
         return {
             "detections": [
-                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", v.rationale, v.quotes),))
+                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", _detail(v), v.quotes),))
                 for c, v in found.items()
             ]
         }
@@ -97,3 +97,10 @@ class JudgeNodes:
             Detection(self.name, c, p, w.start, w.end, (Evidence(f"triage: {c}", f"{why} ({backend} text classifier)"),))
             for c, p in state["triage"].items()
         ]
+
+
+def _detail(verdict: CategoryVerdict) -> str:
+    """The judge's rationale, and when it made up quotes, that its score was discounted for them."""
+    if not verdict.unverified_quotes:
+        return verdict.rationale
+    return f"{verdict.rationale} [{verdict.unverified_quotes} quote(s) not found in the CoT: score scaled by the share found]"

@@ -61,13 +61,17 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-async def test_a_verdict_becomes_detections_with_only_verbatim_quotes(engine: HFEngine) -> None:
+async def test_a_verdict_becomes_detections_with_only_verbatim_quotes_and_a_score_discounted_for_the_rest(
+    engine: HFEngine,
+) -> None:
     with ScriptedJudge([verdict(quotes=(REAL_QUOTE, "I plan to embezzle the pension fund"))]) as judge:
         p, metrics = pipeline(engine, [judge_spec(judge.base_url)])
         transcript = await p.teacher_force(MESSAGES, TEXT).run()
     (dec,) = [d for d in transcript.detections if d.category == "deception"]
-    assert dec.score == pytest.approx(0.9) and dec.evidence[0].quotes == (REAL_QUOTE,)
-    assert dec.evidence[0].detail == "Plans to misreport revenue."
+    assert dec.score == pytest.approx(0.45) and dec.evidence[0].quotes == (REAL_QUOTE,)  # 0.9 x 1 of 2 quotes found
+    assert dec.evidence[0].detail == (
+        "Plans to misreport revenue. [1 quote(s) not found in the CoT: score scaled by the share found]"
+    )
     assert count(metrics, "cotmon_judge_dropped_quotes_total") == 1
     assert count(metrics, "cotmon_judge_requests_total", outcome="ok") == 1
     (body,) = judge.requests
