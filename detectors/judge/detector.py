@@ -11,6 +11,9 @@ Spec args (all optional):
     white_box         {detector name: score}: call the LLM when that detector of the same session
                       has reached the score, whatever triage says
     timeout_s, max_retries, max_tokens   of each LLM call [20, 2, 512]
+    max_response_bytes  read at most this much of one judge response [262144 = 256 KiB]; a longer
+                      one fails the call as response_too_large. Of an answer, at most 8 quotes of
+                      500 characters per verdict and a rationale of 1000 are kept (AnswerBounds)
     encoder           triage encoder: auto (bundled all-MiniLM-L6-v2), a local path or hub id, or tfidf
 
 The key comes from the pipeline's context secrets (COTMON_JUDGE_API_KEY), never from the spec,
@@ -27,7 +30,7 @@ import asyncio
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from detectors.judge.client import JudgeConfig
+from detectors.judge.client import DEFAULT_BOUNDS, AnswerBounds, JudgeConfig
 from detectors.judge.graph import build_graph
 from detectors.judge.nodes import UNAVAILABLE, JudgeNodes
 from detectors.judge.prompts import DEFAULT_CATEGORIES
@@ -39,7 +42,7 @@ from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, TraceSt
 
 ARGS = (
     "url", "model", "categories", "every", "paragraphs", "min_tokens", "escalate_at", "white_box",
-    "timeout_s", "max_retries", "max_tokens", "encoder",
+    "timeout_s", "max_retries", "max_tokens", "max_response_bytes", "encoder",
 )  # fmt: skip
 THINK_END = "</think>"
 
@@ -69,7 +72,7 @@ class JudgeDetector:
         if unknown:
             raise DetectorError(f"{where}: unknown arg(s) {', '.join(sorted(unknown))} (known: {', '.join(ARGS)})")
         categories = _categories(args.get("categories"), where)
-        for key, low in (("every", 1), ("min_tokens", 1), ("max_retries", 0), ("max_tokens", 1)):
+        for key, low in (("every", 1), ("min_tokens", 1), ("max_retries", 0), ("max_tokens", 1), ("max_response_bytes", 1024)):
             if key in args and (not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] < low):
                 raise DetectorError(f"{where}: args.{key} must be an integer >= {low}")
         escalate_at = float(args.get("escalate_at", 0.25))
@@ -88,6 +91,7 @@ class JudgeDetector:
                 max_retries=int(args.get("max_retries", 2)),
                 max_tokens=int(args.get("max_tokens", 512)),
                 categories=categories,
+                bounds=AnswerBounds(response_bytes=int(args.get("max_response_bytes", DEFAULT_BOUNDS.response_bytes))),
             )
         nodes = JudgeNodes(
             name=spec.name,

@@ -7,6 +7,7 @@ the prompt the server actually received keeps the CoT inside one data block it c
 
 from __future__ import annotations
 
+import gzip
 import json
 import re
 import time
@@ -186,6 +187,40 @@ async def test_slow_judge_times_out_within_the_timeout(http: httpx.AsyncClient) 
         elapsed = time.monotonic() - started
     assert failure.value.reason == "timeout"
     assert 0.25 < elapsed < 1.0
+
+
+async def test_an_endless_answer_is_cut_at_the_byte_bound_and_not_retried(http: httpx.AsyncClient) -> None:
+    padding = 64 << 20
+    with ScriptedJudge(default=JudgeReply(answer(), padding_bytes=padding)) as judge, pytest.raises(JudgeUnavailable) as failure:
+        await ask_judge(http, config(judge, max_retries=2), COT)
+    assert (failure.value.reason, failure.value.attempts) == ("response_too_large", 1)
+    (sent,) = judge.streamed
+    assert sent < padding // 4  # the bound (256 KiB) plus what socket buffers took in before the client hung up
+
+
+async def test_a_compressed_answer_is_bounded_after_decompression() -> None:
+    completion = {"choices": [{"message": {"role": "assistant", "content": answer()}}]}
+    bomb = gzip.compress(json.dumps(completion).encode() + b" " * (16 << 20), compresslevel=1)  # 16 MiB in ~16 KiB
+
+    async def streamed() -> AsyncIterator[bytes]:
+        yield bomb
+
+    gzipped = httpx.MockTransport(lambda request: httpx.Response(200, headers={"content-encoding": "gzip"}, content=streamed()))
+    async with httpx.AsyncClient(transport=gzipped) as client:
+        with pytest.raises(JudgeUnavailable) as failure:
+            await ask_judge(client, JudgeConfig(url="http://judge.test/v1", model="m", max_retries=0), COT)
+    assert failure.value.reason == "response_too_large"
+
+
+async def test_quotes_and_rationale_are_bounded(http: httpx.AsyncClient) -> None:
+    cot = " ".join(f"Step {i}: I will report table {i} as migrated." for i in range(200))
+    quotes = [cot, *(f"Step {i}: I will report table {i}" for i in range(100))]  # all verbatim
+    with ScriptedJudge([answer(quotes=quotes).replace("Plans to lie.", "x" * 100_000)]) as judge:
+        verdict = await ask_judge(http, config(judge), cot)
+    deception = verdict.verdicts[0]
+    assert len(deception.quotes) == 8 and all(len(q) <= 500 and q in cot for q in deception.quotes)
+    assert deception.quotes[0] == cot[:500]
+    assert len(deception.rationale) <= 1000 and deception.score == 0.9
 
 
 async def test_server_without_structured_output_is_asked_again_without_response_format(http: httpx.AsyncClient) -> None:
