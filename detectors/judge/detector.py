@@ -22,11 +22,18 @@ at `</think>`; each runs through the graph (detectors.judge.graph) in a task of 
 and hands its detections to the pipeline through `emit`. A failed LLM call yields a
 `judge_unavailable` detection (score 1) plus the triage scores, so a policy chooses fail-open
 (ignore it) or fail-closed (a rule on category judge_unavailable with hold/halt).
+
+Each window's verdict is due `timeout_s` after the window closed: a window whose turn comes later
+(earlier ones held the judge) is not sent to the LLM but marked `judge_unavailable` (reason
+deadline), and a call is cut short at the due time. However many windows queue behind a hung or
+slow judge, the session (and a held answer) waits at most about `timeout_s` after its last token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -63,6 +70,7 @@ class JudgeDetector:
         self._start: int | None = None
         self._last: asyncio.Task[None] | None = None
         self._closed = False
+        self._timeout_s = nodes.config.timeout_s if nodes.config is not None else math.inf
 
     @classmethod
     def create(cls, spec: DetectorSpec, context: DetectorContext) -> JudgeDetector:
@@ -140,7 +148,7 @@ class JudgeDetector:
         if start is None or not text.strip():
             return
         scores = self._context.scores
-        window = Window(start, end, text, "".join(self._cot), reason)
+        window = Window(start, end, text, "".join(self._cot), reason, due=time.monotonic() + self._timeout_s)
         white_box = {n: scores[n] for n in self._white_box if n in scores}
         previous = self._last
         self._last = asyncio.get_running_loop().create_task(self._judge(window, white_box, previous))

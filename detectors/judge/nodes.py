@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
@@ -52,12 +52,19 @@ class JudgeNodes:
         return "judge" if state["route"] == "escalated" else "done"
 
     async def judge(self, state: JudgeState) -> JudgeState:
+        """Ask the LLM about the CoT so far, within what is left of the window's time (none: not at all)."""
         assert self.config is not None
-        cot = state["window"].cot[-COT_CHARS:]
+        window = state["window"]
+        left = window.due - time.monotonic()
+        if left <= 0:  # earlier windows used up its time: waiting on would delay the session further
+            self.metrics.judge_requests.labels("deadline").inc()
+            return {"verdict": None, "failure": "deadline"}
+        config = replace(self.config, timeout_s=min(self.config.timeout_s, left))
+        cot = window.cot[-COT_CHARS:]
         started = time.perf_counter()
         try:
             async with httpx.AsyncClient() as client:
-                verdict = await ask_judge(client, self.config, cot)
+                verdict = await ask_judge(client, config, cot)
         except JudgeUnavailable as exc:
             self.metrics.judge_requests.labels(exc.reason).inc()
             return {"verdict": None, "failure": exc.reason}
