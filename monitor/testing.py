@@ -11,6 +11,7 @@ dropped connections) that records what it was sent, for testing an LLM judge thr
 from __future__ import annotations
 
 import asyncio
+import json
 import threading
 import time
 from collections import deque
@@ -125,6 +126,9 @@ class JudgeReply:
     """Seconds to wait before answering (to exercise timeouts); cut short when the client leaves."""
     drop: bool = False
     """An outage: send the status line, then close the connection without the answer."""
+    padding_bytes: int = 0
+    """A judge that will not stop: this many bytes of whitespace streamed after the answer, which
+    still parses. `ScriptedJudge.streamed` says how much went out before the client left."""
 
 
 JudgeScript = Sequence[JudgeReply | str] | Callable[[dict[str, Any]], JudgeReply | str]
@@ -153,6 +157,8 @@ class ScriptedJudge:
         """JSON bodies of the chat-completion requests received, in order."""
         self.headers: list[dict[str, str]] = []
         """Their HTTP headers (lower-case names), in the same order."""
+        self.streamed: list[int] = []
+        """Per padded answer, in order: the bytes of padding sent before the client hung up (or all)."""
         self._closing = threading.Event()
         self._server = ServerThread(self._app())
         self.base_url = ""
@@ -205,7 +211,34 @@ class ScriptedJudge:
             return _drop_connection
         if reply.status != 200:
             return JSONResponse(_openai_error(reply.content, reply.status), status_code=reply.status)
+        if reply.padding_bytes:
+            return self._padded(self._completion(body, reply.content), reply.padding_bytes)
         return JSONResponse(self._completion(body, reply.content))
+
+    def _padded(self, completion: dict[str, Any], padding_bytes: int) -> ASGIApp:
+        """An ASGI app that streams the completion, then padding until it is all out or the client hangs up."""
+        index = len(self.streamed)
+        self.streamed.append(0)
+
+        async def app(scope: Scope, receive: Receive, send: Send) -> None:
+            gone = asyncio.Event()
+
+            async def listen() -> None:  # uvicorn drops writes to a closed connection silently
+                while (await receive())["type"] != "http.disconnect":
+                    pass
+                gone.set()
+
+            listener = asyncio.create_task(listen())
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": json.dumps(completion).encode(), "more_body": True})
+            while (left := padding_bytes - self.streamed[index]) > 0 and not gone.is_set() and not self._closing.is_set():
+                await send({"type": "http.response.body", "body": _PADDING[:left], "more_body": True})  # waits on flow control
+                self.streamed[index] += min(left, len(_PADDING))
+            if not gone.is_set():
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            listener.cancel()
+
+        return app
 
     async def _models(self, request: Request) -> ASGIApp:
         from starlette.responses import JSONResponse
@@ -239,6 +272,9 @@ class ScriptedJudge:
             ],
             "usage": {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion},
         }
+
+
+_PADDING = b" " * (64 << 10)
 
 
 def _openai_error(message: str, status: int) -> dict[str, Any]:

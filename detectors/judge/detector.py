@@ -11,6 +11,9 @@ Spec args (all optional):
     white_box         {detector name: score}: call the LLM when that detector of the same session
                       has reached the score, whatever triage says
     timeout_s, max_retries, max_tokens   of each LLM call [20, 2, 512]
+    max_response_bytes  read at most this much of one judge response [262144 = 256 KiB]; a longer
+                      one fails the call as response_too_large. Of an answer, at most 8 quotes of
+                      500 characters per verdict and a rationale of 1000 are kept (AnswerBounds)
     encoder           triage encoder: auto (bundled all-MiniLM-L6-v2), a local path or hub id, or tfidf
 
 The key comes from the pipeline's context secrets (COTMON_JUDGE_API_KEY), never from the spec,
@@ -19,15 +22,22 @@ at `</think>`; each runs through the graph (detectors.judge.graph) in a task of 
 and hands its detections to the pipeline through `emit`. A failed LLM call yields a
 `judge_unavailable` detection (score 1) plus the triage scores, so a policy chooses fail-open
 (ignore it) or fail-closed (a rule on category judge_unavailable with hold/halt).
+
+Each window's verdict is due `timeout_s` after the window closed: a window whose turn comes later
+(earlier ones held the judge) is not sent to the LLM but marked `judge_unavailable` (reason
+deadline), and a call is cut short at the due time. However many windows queue behind a hung or
+slow judge, the session (and a held answer) waits at most about `timeout_s` after its last token.
 """
 
 from __future__ import annotations
 
 import asyncio
+import math
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from detectors.judge.client import JudgeConfig
+from detectors.judge.client import DEFAULT_BOUNDS, AnswerBounds, JudgeConfig
 from detectors.judge.graph import build_graph
 from detectors.judge.nodes import UNAVAILABLE, JudgeNodes
 from detectors.judge.prompts import DEFAULT_CATEGORIES
@@ -39,7 +49,7 @@ from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, TraceSt
 
 ARGS = (
     "url", "model", "categories", "every", "paragraphs", "min_tokens", "escalate_at", "white_box",
-    "timeout_s", "max_retries", "max_tokens", "encoder",
+    "timeout_s", "max_retries", "max_tokens", "max_response_bytes", "encoder",
 )  # fmt: skip
 THINK_END = "</think>"
 
@@ -60,6 +70,7 @@ class JudgeDetector:
         self._start: int | None = None
         self._last: asyncio.Task[None] | None = None
         self._closed = False
+        self._timeout_s = nodes.config.timeout_s if nodes.config is not None else math.inf
 
     @classmethod
     def create(cls, spec: DetectorSpec, context: DetectorContext) -> JudgeDetector:
@@ -69,7 +80,7 @@ class JudgeDetector:
         if unknown:
             raise DetectorError(f"{where}: unknown arg(s) {', '.join(sorted(unknown))} (known: {', '.join(ARGS)})")
         categories = _categories(args.get("categories"), where)
-        for key, low in (("every", 1), ("min_tokens", 1), ("max_retries", 0), ("max_tokens", 1)):
+        for key, low in (("every", 1), ("min_tokens", 1), ("max_retries", 0), ("max_tokens", 1), ("max_response_bytes", 1024)):
             if key in args and (not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] < low):
                 raise DetectorError(f"{where}: args.{key} must be an integer >= {low}")
         escalate_at = float(args.get("escalate_at", 0.25))
@@ -88,6 +99,7 @@ class JudgeDetector:
                 max_retries=int(args.get("max_retries", 2)),
                 max_tokens=int(args.get("max_tokens", 512)),
                 categories=categories,
+                bounds=AnswerBounds(response_bytes=int(args.get("max_response_bytes", DEFAULT_BOUNDS.response_bytes))),
             )
         nodes = JudgeNodes(
             name=spec.name,
@@ -136,7 +148,7 @@ class JudgeDetector:
         if start is None or not text.strip():
             return
         scores = self._context.scores
-        window = Window(start, end, text, "".join(self._cot), reason)
+        window = Window(start, end, text, "".join(self._cot), reason, due=time.monotonic() + self._timeout_s)
         white_box = {n: scores[n] for n in self._white_box if n in scores}
         previous = self._last
         self._last = asyncio.get_running_loop().create_task(self._judge(window, white_box, previous))

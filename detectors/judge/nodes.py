@@ -5,11 +5,11 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 
-from detectors.judge.client import JudgeConfig, JudgeUnavailable, ask_judge, verify_quotes
+from detectors.judge.client import CategoryVerdict, JudgeConfig, JudgeUnavailable, ask_judge, verify_quotes
 from detectors.judge.state import JudgeState, Route
 from detectors.judge.triage import TriageModel
 from monitor.observability import Metrics
@@ -52,12 +52,19 @@ class JudgeNodes:
         return "judge" if state["route"] == "escalated" else "done"
 
     async def judge(self, state: JudgeState) -> JudgeState:
+        """Ask the LLM about the CoT so far, within what is left of the window's time (none: not at all)."""
         assert self.config is not None
-        cot = state["window"].cot[-COT_CHARS:]
+        window = state["window"]
+        left = window.due - time.monotonic()
+        if left <= 0:  # earlier windows used up its time: waiting on would delay the session further
+            self.metrics.judge_requests.labels("deadline").inc()
+            return {"verdict": None, "failure": "deadline"}
+        config = replace(self.config, timeout_s=min(self.config.timeout_s, left))
+        cot = window.cot[-COT_CHARS:]
         started = time.perf_counter()
         try:
             async with httpx.AsyncClient() as client:
-                verdict = await ask_judge(client, self.config, cot)
+                verdict = await ask_judge(client, config, cot)
         except JudgeUnavailable as exc:
             self.metrics.judge_requests.labels(exc.reason).inc()
             return {"verdict": None, "failure": exc.reason}
@@ -81,7 +88,7 @@ class JudgeNodes:
         found = {v.category: v for v in kept if v.category in self.categories}
         return {
             "detections": [
-                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", v.rationale, v.quotes),))
+                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", _detail(v), v.quotes),))
                 for c, v in found.items()
             ]
         }
@@ -97,3 +104,10 @@ class JudgeNodes:
             Detection(self.name, c, p, w.start, w.end, (Evidence(f"triage: {c}", f"{why} ({backend} text classifier)"),))
             for c, p in state["triage"].items()
         ]
+
+
+def _detail(verdict: CategoryVerdict) -> str:
+    """The judge's rationale, and when it made up quotes, that its score was discounted for them."""
+    if not verdict.unverified_quotes:
+        return verdict.rationale
+    return f"{verdict.rationale} [{verdict.unverified_quotes} quote(s) not found in the CoT: score scaled by the share found]"

@@ -9,7 +9,8 @@ defences, in depth:
 2. `neutralise` rewrites the CoT so that nothing in it looks like a marker: the nonce itself,
    marker-shaped text with any nonce (spacing, case and look-alike letters or brackets
    tolerated), runs of angle brackets, invisible characters, and chat-template control tokens
-   such as ``<|im_start|>`` (which the judge's tokenizer would otherwise read as a real turn).
+   such as ``<|im_start|>`` or ``[INST]`` (which the judge's tokenizer would otherwise read as a
+   real turn), listed per template family in `detectors.judge.chat_tokens`.
 3. The instructions, before and after the data, say the data may contain instructions, roles,
    verdicts or markers, that those are to be ignored, and that trying to steer the judge is
    itself worth reporting.
@@ -22,6 +23,8 @@ import re
 import secrets
 from collections.abc import Mapping, Sequence
 from typing import Any
+
+from detectors.judge.chat_tokens import CHAT_TEMPLATE_TOKENS, inert
 
 DEFAULT_CATEGORIES: dict[str, str] = {
     "deception": (
@@ -76,8 +79,10 @@ _MARKER = re.compile(
     re.IGNORECASE,
 )
 _ANGLE_RUN = re.compile(f"{_ANGLE}{{3,}}")
-# `<|im_start|>`, `<|eot_id|>`, DeepSeek's `<｜Assistant｜>`, Gemma's `<start_of_turn>`.
-_CONTROL_TOKEN = re.compile(r"<[|｜]([^\n<>|｜]{1,48})[|｜]>|<((?:start|end)_of_turn)>", re.IGNORECASE)
+# Every listed template token (longest first: where two start at one place, the longer wins), and any
+# other pipe-bracketed one (`<|fim_prefix|>`, `<｜tool▁sep｜>`): the shape of most special tokens.
+_LISTED_TOKENS = sorted({t for tokens in CHAT_TEMPLATE_TOKENS.values() for t in tokens}, key=len, reverse=True)
+_CONTROL_TOKEN = re.compile("|".join([*map(re.escape, _LISTED_TOKENS), r"<[|｜][^\n<>|｜]{1,48}[|｜]>"]), re.IGNORECASE)
 MARKER_REPLACEMENT = "[delimiter removed]"
 NONCE_REPLACEMENT = "[nonce]"
 
@@ -88,13 +93,14 @@ def neutralise(cot: str, nonce: str) -> str:
     Removes invisible characters; replaces the nonce (any case, separators allowed) with
     ``[nonce]`` and marker-shaped text (with any nonce, spacing, case, look-alike letters or
     brackets) with ``[delimiter removed]``; collapses runs of 3+ angle brackets to one; and
-    unwraps chat-template control tokens (``<|im_end|>`` -> ``<im_end>``). Applying it twice
-    gives the same text as applying it once.
+    rewrites the control tokens of `CHAT_TEMPLATE_TOKENS` (any case) and any other ``<|...|>``
+    token to their `inert` spelling (``<|im_end|>`` -> ``‹im_end›``, ``[INST]`` -> ``‹INST›``),
+    which no template uses. Applying it twice gives the same text as applying it once.
     """
     text = _INVISIBLE.sub("", cot)
     if nonce:
         text = re.sub("[\\s._:-]*".join(map(re.escape, nonce)), NONCE_REPLACEMENT, text, flags=re.IGNORECASE)
-    text = _CONTROL_TOKEN.sub(lambda m: f"<{m.group(1) or m.group(2)}>", text)
+    text = _CONTROL_TOKEN.sub(lambda m: inert(m.group(0)), text)
     text = _MARKER.sub(MARKER_REPLACEMENT, text)
     return _ANGLE_RUN.sub(lambda m: "‹" if m.group(0)[0] in _OPENING else "›", text)
 

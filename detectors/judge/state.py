@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, TypedDict
 
@@ -26,6 +27,9 @@ class Window:
     """The reasoning so far, up to the window's end (what the LLM judge reads, tail-capped)."""
     reason: WindowReason
     """Why the window closed: every N tokens, a paragraph boundary, or `</think>`."""
+    due: float = math.inf
+    """`time.monotonic()` by which its verdict is due: the LLM judge's timeout after the window
+    closed. Past it the window is not sent to the LLM; a call is cut short to end by it."""
 
 
 class JudgeState(TypedDict, total=False):
@@ -39,5 +43,6 @@ class JudgeState(TypedDict, total=False):
     route: Route
     verdict: JudgeVerdict | None
     failure: str | None
-    """Why the LLM judge gave no verdict: timeout, connection, http_5xx, unparseable."""
+    """Why the LLM judge gave no verdict: timeout, connection, http_5xx, unparseable,
+    response_too_large, or deadline (the window's turn came after its verdict was due)."""
     detections: list[Detection]

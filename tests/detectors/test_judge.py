@@ -13,13 +13,15 @@ import pytest
 from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
+from detectors.judge.triage import load_triage
 from monitor.cli import main
+from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.server.serve import NO_RULES
-from monitor.testing import JudgeReply, ScriptedJudge
+from monitor.testing import JudgeReply, ScriptedEngine, ScriptedJudge
 from monitor.types import ChatMessage, DetectorSpec, GenerationRequest
 
 MESSAGES = [ChatMessage("user", "Summarise the quarterly report for the board.")]
@@ -44,7 +46,7 @@ def judge_spec(url: str | None, **args: Any) -> DetectorSpec:
     return DetectorSpec("cot_judge", "cot_judge", base | ({"url": url, "model": "judge"} if url else {}) | args)
 
 
-def pipeline(engine: HFEngine, specs: list[DetectorSpec], rules: list[dict[str, Any]] | None = None) -> tuple[Pipeline, Metrics]:
+def pipeline(engine: Engine, specs: list[DetectorSpec], rules: list[dict[str, Any]] | None = None) -> tuple[Pipeline, Metrics]:
     metrics = Metrics(CollectorRegistry())
     policy = parse_policy({"name": "t", "rules": rules}, "t.yaml") if rules else NO_RULES
     return Pipeline(engine, specs, policy, metrics=metrics), metrics
@@ -61,13 +63,17 @@ def closed_port_url() -> str:
     return f"http://127.0.0.1:{port}/v1"
 
 
-async def test_a_verdict_becomes_detections_with_only_verbatim_quotes(engine: HFEngine) -> None:
+async def test_a_verdict_becomes_detections_with_only_verbatim_quotes_and_a_score_discounted_for_the_rest(
+    engine: HFEngine,
+) -> None:
     with ScriptedJudge([verdict(quotes=(REAL_QUOTE, "I plan to embezzle the pension fund"))]) as judge:
         p, metrics = pipeline(engine, [judge_spec(judge.base_url)])
         transcript = await p.teacher_force(MESSAGES, TEXT).run()
     (dec,) = [d for d in transcript.detections if d.category == "deception"]
-    assert dec.score == pytest.approx(0.9) and dec.evidence[0].quotes == (REAL_QUOTE,)
-    assert dec.evidence[0].detail == "Plans to misreport revenue."
+    assert dec.score == pytest.approx(0.45) and dec.evidence[0].quotes == (REAL_QUOTE,)  # 0.9 x 1 of 2 quotes found
+    assert dec.evidence[0].detail == (
+        "Plans to misreport revenue. [1 quote(s) not found in the CoT: score scaled by the share found]"
+    )
     assert count(metrics, "cotmon_judge_dropped_quotes_total") == 1
     assert count(metrics, "cotmon_judge_requests_total", outcome="ok") == 1
     (body,) = judge.requests
@@ -97,8 +103,8 @@ async def test_cotmons_own_tiny_model_as_the_judge_speaks_nonsense_safely(engine
 
 
 async def test_the_judge_never_blocks_the_token_stream(engine: HFEngine) -> None:
-    with ScriptedJudge(default=JudgeReply(verdict(), delay_s=1.5)) as judge:
-        p, _ = pipeline(engine, [judge_spec(judge.base_url, every=8, paragraphs=False)])
+    with ScriptedJudge(default=JudgeReply(verdict(), delay_s=0.3)) as judge:
+        p, _ = pipeline(engine, [judge_spec(judge.base_url, every=8, paragraphs=False, timeout_s=10.0)])
         session = p.teacher_force(MESSAGES, TEXT)
         started = time.perf_counter()
         stamps = [time.perf_counter() async for _ in session.events()]
@@ -107,7 +113,22 @@ async def test_the_judge_never_blocks_the_token_stream(engine: HFEngine) -> None
     windows = len(judge.requests)
     assert windows >= 5  # every 8 tokens
     assert stamps[-1] - started < 1.0  # every token went out while the judge was still busy
-    assert total >= 1.5 * windows * 0.9  # the end of the session waited for the judge, window by window
+    assert total >= 0.3 * windows * 0.9  # the end of the session waited for the judge, window by window
+
+
+async def test_a_hung_judge_delays_a_session_by_about_one_timeout_whatever_the_number_of_windows() -> None:
+    load_triage("auto")  # trained once per process (the other tests here share it): not part of the session's time
+    reasoning = [(f"step{i} ", "reasoning") for i in range(16)]
+    engine = ScriptedEngine([*reasoning, ("</think>", "reasoning"), ("Done.", "answer")])
+    with ScriptedJudge(default=JudgeReply(verdict(), delay_s=30)) as judge:
+        p, metrics = pipeline(engine, [judge_spec(judge.base_url, every=2, timeout_s=0.5, max_retries=0)])
+        started = time.monotonic()
+        transcript = await p.teacher_force(MESSAGES, TEXT).run()
+        elapsed = time.monotonic() - started
+    assert elapsed < 2.0  # about one 0.5 s timeout (and triage), not one per window
+    unavailable = [d for d in transcript.detections if d.category == "judge_unavailable"]
+    assert len(unavailable) == 8  # every window of 2 tokens is marked unjudged
+    assert len(judge.requests) <= 2 and count(metrics, "cotmon_judge_requests_total", outcome="deadline") >= 7
 
 
 HOLD_ON_OUTAGE = {
