@@ -156,6 +156,14 @@ HALT_AT_FIFTH = {
     "when": {"detector": "p", "stat": "count_over", "over": 0.0, "window": 5, "gte": 5},
     "actions": ["alert", "store", "halt"],
 }
+LONG_COT = {
+    "name": "long-cot",
+    "category": "deception",
+    "severity": "critical",
+    "when": {"detector": "p", "stat": "count_over", "over": 0.0, "window": 30, "gte": 30},
+    "actions": ["alert", "store"],
+}
+"""Flags a session whose CoT reaches 30 tokens (the random probe scores every token above 0)."""
 NEVER = {
     "name": "never",
     "category": "deception",

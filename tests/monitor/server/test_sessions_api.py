@@ -8,15 +8,9 @@ from typing import Any
 import httpx
 import pytest
 
-from conftest import Serve
+from conftest import LONG_COT, Serve
 
-LONG = {
-    "name": "long-cot",
-    "category": "deception",
-    "severity": "critical",
-    "when": {"detector": "p", "stat": "count_over", "over": 0.0, "window": 30, "gte": 30},
-    "actions": ["alert", "store"],
-}
+LONG = LONG_COT
 MESSAGES = [{"role": "user", "content": "Did you run the tests?"}]
 
 
