@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
+from monitor.server.hosts import HostCheck, allowed_hosts
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
 from monitor.store import TranscriptStore
@@ -189,4 +190,5 @@ def create_app(
 
     app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(HostCheck, allowed=allowed_hosts(settings))  # outermost: a foreign Host gets nothing else
     return app
