@@ -68,10 +68,19 @@ class ServerState:
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with a 413 before they are read whole."""
+    """Refuses request bodies over `limit` bytes with a 413 before they are read whole.
+
+    A declared Content-Length over the limit is refused at once. A body without one (chunked) is
+    counted as it is read; once past the limit, reading fails, and whatever the app answers to
+    that (FastAPI: a 400 "error parsing the body") is replaced by the 413, unless the app already
+    answered a 413 itself (the viewer's HTML page) or had started its answer before.
+    """
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -79,19 +88,34 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large"))
+            await _send_error(send, self.too_large())
             return
-        seen = 0
+        seen, exceeded, started, replaced = 0, False, False, False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
+                exceeded = True
+                raise self.too_large()
             return message
 
-        await self.app(scope, counted, send)
+        async def answer(message: Message) -> None:
+            nonlocal started, replaced
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                replaced = exceeded and message["status"] != 413
+            if not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, answer)
+        except Exception:
+            if not exceeded or (started and not replaced):
+                raise
+        if exceeded and (replaced or not started):
+            await _send_error(send, self.too_large())
 
 
 class CrashGuard:
