@@ -20,6 +20,7 @@ from monitor.engine.text import compose_assistant_text
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
+from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -93,7 +94,7 @@ async def metrics(request: Request) -> Response:
 @protected.get("/openapi.json", include_in_schema=False)
 async def openapi_schema(request: Request) -> JSONResponse:
     """The OpenAPI schema of this API (for clients and fuzzers); needs the API key when one is set."""
-    return JSONResponse(request.app.openapi())
+    return JSONResponse(api_schema(request.app))
 
 
 @protected.get("/v1/models")
