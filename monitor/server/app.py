@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import SQLAlchemyError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -22,7 +23,10 @@ from monitor.pipeline import Pipeline
 from monitor.server.hosts import HostCheck, allowed_hosts
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
-from monitor.store import TranscriptStore
+from monitor.store import StoreError, TranscriptStore
+
+STORE_FAILURES = (StoreError, SQLAlchemyError)
+"""What a store that is down or unreachable raises: a 503, not a 500."""
 
 
 class Admission:
@@ -65,6 +69,18 @@ class ServerState:
     admission: Admission
     store: TranscriptStore | None
     """Where sessions are kept; None serves no session routes (404s with a clear message)."""
+
+
+def store_unavailable(exc: Exception, path: str) -> APIError:
+    """The 503 for a store failure; the detail (which may name the database) goes to the log only."""
+    get_logger("cotmon.server").error("store_unavailable", path=path, error=f"{type(exc).__name__}: {exc}")
+    return APIError(
+        503,
+        "transcript store unavailable; retry later",
+        type="server_error",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 class BodyLimit:
@@ -211,6 +227,12 @@ def create_app(
     async def engine_failed(request: Request, exc: EngineError) -> JSONResponse:
         log.error("engine_failed", path=request.url.path, error=str(exc))
         return JSONResponse(error_body(str(exc), type="upstream_error"), status_code=502)
+
+    @app.exception_handler(StoreError)
+    @app.exception_handler(SQLAlchemyError)
+    async def store_failed(request: Request, exc: Exception) -> JSONResponse:
+        err = store_unavailable(exc, request.url.path)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
 
     app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)

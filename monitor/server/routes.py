@@ -17,9 +17,10 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
+from monitor.observability import get_logger
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
-from monitor.server.app import ServerState
+from monitor.server.app import STORE_FAILURES, ServerState, store_unavailable
 from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
     APIError,
@@ -36,7 +37,6 @@ from monitor.server.protocol import (
     whole_text,
 )
 from monitor.server.stream import DeltaSplitter, split_steps
-from monitor.store import StoreError
 from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512
@@ -71,18 +71,21 @@ async def healthz() -> dict[str, str]:
 @router.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """The model is loaded, the data directory is writable and the transcript store answers."""
+    # Open to anyone (no key, no Host check): the reasons name no path or database; the log has the detail.
     s = state(request)
     try:
         s.settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=s.settings.data_dir):
             pass
     except OSError as exc:
-        return JSONResponse({"status": "not ready", "reason": f"data dir not writable: {exc}"}, status_code=503)
+        get_logger("cotmon.server").error("not_ready", reason="data dir not writable", error=str(exc))
+        return JSONResponse({"status": "not ready", "reason": "data directory not writable"}, status_code=503)
     if s.store is not None:
         try:
             await asyncio.to_thread(s.store.ping)
-        except StoreError as exc:
-            return JSONResponse({"status": "not ready", "reason": str(exc)}, status_code=503)
+        except STORE_FAILURES as exc:
+            store_unavailable(exc, request.url.path)
+            return JSONResponse({"status": "not ready", "reason": "transcript store unavailable"}, status_code=503)
     return JSONResponse({"status": "ready", "model": s.model_name})
 
 

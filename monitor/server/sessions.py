@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, Request
@@ -94,7 +95,7 @@ def full_replay_blocker(s: ServerState, stored: Transcript) -> str | None:
 
 async def replay_session(s: ServerState, session_id: str, body: ReplayRequest) -> ReplayResult:
     """What POST /v1/sessions/{id}/replay (and the viewer's replay button) does."""
-    stored = stored_session(s, session_id)
+    stored = await asyncio.to_thread(stored_session, s, session_id)
     policy = request_policy(body.policy, stored)
     blocker = full_replay_blocker(s, stored)
     mode = body.mode if body.mode != "auto" else ("policy" if blocker else "full")
@@ -119,15 +120,15 @@ router = APIRouter()
 async def list_sessions(request: Request, query: Annotated[SessionQuery, Depends(session_query)]) -> dict[str, Any]:
     """Stored sessions, newest first, with their flags; filters as query parameters."""
     store = store_of(_state(request))
-    rows = store.sessions(query)
-    total = store.count(SessionQuery(**{**query.__dict__, "limit": None, "offset": 0}))
+    rows = await asyncio.to_thread(store.sessions, query)
+    total = await asyncio.to_thread(store.count, SessionQuery(**{**query.__dict__, "limit": None, "offset": 0}))
     return {"object": "list", "data": [r.to_dict() for r in rows], "total": total, "limit": query.limit, "offset": query.offset}
 
 
 @router.get("/v1/sessions/{session_id}")
 async def get_session(request: Request, session_id: str) -> dict[str, Any]:
     """One stored session, whole: messages, tokens with channels and readouts, detections, flags, specs, policy."""
-    return transcript_to_dict(stored_session(_state(request), session_id))
+    return transcript_to_dict(await asyncio.to_thread(stored_session, _state(request), session_id))
 
 
 @router.post("/v1/sessions/{session_id}/replay")

@@ -19,7 +19,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from monitor.server.app import ServerState
+from monitor.server.app import STORE_FAILURES, ServerState, store_unavailable
 from monitor.server.protocol import APIError
 from monitor.server.ui import render
 
@@ -152,6 +152,10 @@ class UIRoute(APIRoute):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 login = f"{base_url(request)}/login?next={quote(target, safe='')}"
                 response = RedirectResponse(login, status_code=303)
+            except STORE_FAILURES as exc:
+                err = store_unavailable(exc, request.url.path)
+                response = error_page(request, err.status, err.message)
+                response.headers.update(err.headers)
             except APIError as err:
                 response = error_page(request, err.status, err.message)
                 response.headers.update(err.headers)
