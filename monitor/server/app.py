@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -21,6 +21,7 @@ from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
 from monitor.server.hosts import HostCheck, allowed_hosts
+from monitor.server.logins import LoginThrottle
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
 from monitor.store import StoreError, TranscriptStore
@@ -69,6 +70,8 @@ class ServerState:
     admission: Admission
     store: TranscriptStore | None
     """Where sessions are kept; None serves no session routes (404s with a clear message)."""
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    """Failed viewer logins per client address."""
 
 
 def store_unavailable(exc: Exception, path: str) -> APIError:

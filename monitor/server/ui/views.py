@@ -166,15 +166,26 @@ async def login_form(request: Request) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
-    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie."""
+    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie. Too
+    many failed logins from one address get a 429 for a while."""
     check_origin(request)
-    key = state(request).settings.api_key
+    s = state(request)
+    key = s.settings.api_key
     fields = await form_fields(request)
     target = safe_next(fields.get("next"), request)
     if key is None:
         return RedirectResponse(target, status_code=303)
+    client = request.client.host if request.client else ""
+    wait = s.login_throttle.retry_after(client)
+    if wait is not None:
+        message = f"Too many failed logins from your address; try again in {wait} s."
+        refused = page(request, "login.html", 429, next=target, error=message)
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     if not key_matches(fields.get("key", ""), key):
+        s.login_throttle.failed(client)
         return page(request, "login.html", 401, next=target, error="That is not this server's API key.")
+    s.login_throttle.succeeded(client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
         COOKIE, login_token(key), httponly=True, samesite="strict", secure=request.url.scheme == "https", path=base_url(request)

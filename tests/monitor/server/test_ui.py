@@ -17,6 +17,7 @@ from component_fixtures import require
 from conftest import NEVER, Serve
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
+from monitor.server.logins import LoginThrottle
 from monitor.server.serve import NO_RULES
 from monitor.server.ui.render import default_detector, quote_marks, shade, token_scores
 from monitor.settings import Settings
@@ -176,6 +177,36 @@ def test_with_an_api_key_the_viewer_needs_the_key_or_the_login_cookie(serve: Ser
     assert cookie.startswith("cotmon_key=") and "HttpOnly" in cookie and "SameSite=strict" in cookie and "s3cret" not in cookie
     assert get(server, "/ui/", cookies={"cotmon_key": right.cookies["cotmon_key"]}).status_code == 200
     assert get(server, "/ui/", cookies={"cotmon_key": "forged"}).status_code == 303
+
+
+def _login(server: Any, key: str, client: httpx.Client | None = None) -> httpx.Response:
+    post = client.post if client is not None else httpx.post
+    return post(server.base_url + "/ui/login", data={"key": key, "next": "/ui/"})
+
+
+def test_after_five_failed_logins_an_address_gets_429s_with_retry_after(serve: Serve) -> None:
+    server = serve(api_key="s3cret")
+    assert [_login(server, f"guess-{i}").status_code for i in range(5)] == [401] * 5
+    refused = _login(server, "s3cret")  # even the right key, until the window has passed
+    assert refused.status_code == 429 and "Too many failed logins" in refused.text
+    assert 0 < int(refused.headers["retry-after"]) <= 300 and refused.headers["content-security-policy"] == CSP
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as elsewhere:
+        assert _login(server, "s3cret", elsewhere).status_code == 303  # another address is not held up
+
+
+def test_the_login_throttle_forgets_failures_older_than_its_window() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=2, window_s=60, clock=lambda: now[0])
+    throttle.failed("a")
+    now[0] = 50
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 10 and throttle.retry_after("b") is None
+    now[0] = 60.5
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 50  # the last two failures, at 50 and 60.5
+    throttle.succeeded("a")
+    assert throttle.retry_after("a") is None
 
 
 def test_without_a_store_the_viewer_says_so(engine: Any, tmp_path: Path) -> None:
