@@ -21,7 +21,7 @@ from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
 from monitor.server.hosts import HostCheck, allowed_hosts
-from monitor.server.logins import LoginThrottle
+from monitor.server.logins import LoginThrottle, LoginTokens
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
 from monitor.store import StoreError, TranscriptStore
@@ -70,6 +70,8 @@ class ServerState:
     admission: Admission
     store: TranscriptStore | None
     """Where sessions are kept; None serves no session routes (404s with a clear message)."""
+    logins: LoginTokens = field(default_factory=LoginTokens)
+    """The viewer's login cookies."""
     login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
     """Failed viewer logins per client address."""
 

@@ -28,7 +28,6 @@ from monitor.server.ui.web import (
     error_page,
     form_fields,
     key_matches,
-    login_token,
     page,
     require_login,
     safe_next,
@@ -166,8 +165,8 @@ async def login_form(request: Request) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
-    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie. Too
-    many failed logins from one address get a 429 for a while."""
+    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie: a new
+    token per login. Too many failed logins from one address get a 429 for a while."""
     check_origin(request)
     s = state(request)
     key = s.settings.api_key
@@ -188,14 +187,25 @@ async def login(request: Request) -> Response:
     s.login_throttle.succeeded(client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        COOKIE, login_token(key), httponly=True, samesite="strict", secure=request.url.scheme == "https", path=base_url(request)
+        COOKIE,
+        s.logins.issue(key),
+        max_age=int(s.logins.ttl_s),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path=base_url(request),
     )
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    """Forget the login: the cookie's token is refused from now on, even if it was copied."""
     check_origin(request)
+    s = state(request)
+    cookie = request.cookies.get(COOKIE)
+    if cookie is not None and s.settings.api_key is not None:
+        s.logins.revoke(cookie, s.settings.api_key)
     response = RedirectResponse(base_url(request) + "/login", status_code=303)
     response.delete_cookie(COOKIE, path=base_url(request), httponly=True, samesite="strict")
     return response

@@ -17,7 +17,7 @@ from component_fixtures import require
 from conftest import NEVER, Serve
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
-from monitor.server.logins import LoginThrottle
+from monitor.server.logins import LoginThrottle, LoginTokens
 from monitor.server.serve import NO_RULES
 from monitor.server.ui.render import default_detector, quote_marks, shade, token_scores
 from monitor.settings import Settings
@@ -207,6 +207,29 @@ def test_the_login_throttle_forgets_failures_older_than_its_window() -> None:
     assert throttle.retry_after("a") == 50  # the last two failures, at 50 and 60.5
     throttle.succeeded("a")
     assert throttle.retry_after("a") is None
+
+
+def test_each_login_gets_its_own_cookie_and_one_captured_before_logout_is_refused_after(serve: Serve) -> None:
+    server = serve(api_key="s3cret")
+    captured = _login(server, "s3cret").cookies["cotmon_key"]
+    other = _login(server, "s3cret").cookies["cotmon_key"]
+    assert captured != other
+    assert get(server, "/ui/", cookies={"cotmon_key": captured}).status_code == 200
+    logout = httpx.post(server.base_url + "/ui/logout", cookies={"cotmon_key": captured})
+    assert logout.status_code == 303
+    assert get(server, "/ui/", cookies={"cotmon_key": captured}).status_code == 303  # to the login form
+    assert get(server, "/ui/", cookies={"cotmon_key": other}).status_code == 200  # another login stays
+
+
+def test_a_login_token_expires_and_a_tampered_one_is_refused() -> None:
+    now = [1000.0]
+    tokens = LoginTokens(ttl_s=60, clock=lambda: now[0])
+    token = tokens.issue("key")
+    expiry, nonce, signature = token.split(".")
+    assert tokens.valid(token, "key") and not tokens.valid(token, "another key")
+    assert not tokens.valid(f"{int(expiry) + 3600}.{nonce}.{signature}", "key")
+    now[0] = 1061
+    assert not tokens.valid(token, "key")
 
 
 def test_without_a_store_the_viewer_says_so(engine: Any, tmp_path: Path) -> None:
