@@ -3,8 +3,11 @@ HTTP and in a real Chromium (Playwright, no downloads: Debian's chromium, found 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import gc
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from monitor.server.serve import NO_RULES
 from monitor.server.ui.render import default_detector, quote_marks, shade, token_scores
 from monitor.settings import Settings
 from monitor.testing import ServerThread
-from monitor.types import Detection, Evidence
+from monitor.types import Detection, Evidence, TraceStep
 
 CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 # count_over 0.0 counts every token: fires at the 60th token, so only long reasoning is flagged.
@@ -230,6 +233,30 @@ def test_a_login_token_expires_and_a_tampered_one_is_refused() -> None:
     assert not tokens.valid(f"{int(expiry) + 3600}.{nonce}.{signature}", "key")
     now[0] = 1061
     assert not tokens.valid(token, "key")
+
+
+def test_a_long_session_renders_off_the_event_loop_so_health_checks_answer_meanwhile(serve: Serve, transcript: Any) -> None:
+    server = serve(store_keep="all")
+    # 25k tokens of 256 characters: on the event loop, laying them out would hold it ~0.6 s or more.
+    n = 25_000
+    steps = tuple(TraceStep("long", i, i, f"w{i % 97} " * 64, "reasoning", {}, i == n - 1) for i in range(n))
+    scores = tuple(Detection("s", "deception", (i % 100) / 100, i, i + 1) for i in range(n))
+    server.store.save(dataclasses.replace(transcript, session_id="long", steps=steps, detections=scores, evaluations=()))
+    latencies = []
+    # A full garbage collection stops every thread for a time that grows with the whole heap (here
+    # torch's and the test session's); it is not what this test measures, so none runs meanwhile.
+    gc.disable()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            rendering = pool.submit(get, server, "/ui/sessions/long")
+            while not rendering.done():
+                started = time.perf_counter()
+                assert get(server, "/healthz").status_code == 200
+                latencies.append(time.perf_counter() - started)
+            assert rendering.result().status_code == 200
+    finally:
+        gc.enable()
+    assert len(latencies) >= 5 and max(latencies) < 0.4, latencies
 
 
 def test_without_a_store_the_viewer_says_so(engine: Any, tmp_path: Path) -> None:
