@@ -104,11 +104,21 @@ class Settings(BaseModel):
         None, description="YAML file of further detectors ({kind, name, args}: SAE features, ...); paths relative to it."
     )
     api_key: str | None = Field(None, description="When set, every route but /healthz, /readyz and /metrics needs it.")
+    allowed_hosts: tuple[str, ...] = Field(
+        (),
+        description="Host names (comma-separated, any port) requests may address besides localhost, 127.0.0.1, [::1] "
+        "and --host (unless 0.0.0.0 or ::); others get a 400, against DNS rebinding. * allows any.",
+    )
     max_concurrent: int = Field(32, ge=1, description="Streams generated at once.")
     max_queued: int = Field(0, ge=0, description="Requests that wait for a slot; beyond them: 429.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
+
+    @field_validator("allowed_hosts", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: object) -> object:
+        return tuple(h.strip() for h in value.split(",") if h.strip()) if isinstance(value, str) else value
 
     @field_validator("probes", mode="before")
     @classmethod

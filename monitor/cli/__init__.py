@@ -106,6 +106,13 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     help="Make an instruct model reason first: the prompt asks for a think block and opens it [auto: on for smollm2].",
 )
 @click.option("--host", default=None, help="Listen address [127.0.0.1].")
+@click.option(
+    "--allowed-hosts",
+    default=None,
+    metavar="NAMES",
+    help="Comma-separated host names clients may address (Host header, any port) besides localhost, 127.0.0.1, "
+    "[::1] and --host; others get a 400 (DNS rebinding). * allows any [none].",
+)
 @click.option("--port", type=int, default=None, help="Listen port [8000].")
 @click.option("--device", default=None, help="auto, cpu, cuda, ...")
 @click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
@@ -177,7 +184,8 @@ def serve(**options: Any) -> None:
     POST /v1/chat/completions (streaming or not; reasoning in delta.reasoning and
     delta.reasoning_content), POST /v1/monitor/transcripts (watch mode), GET /v1/models,
     /v1/sessions (stored transcripts, replay), /ui/ (the transcript viewer), /healthz, /readyz,
-    /metrics. COTMON_API_KEY, when set, protects every route but the last three.
+    /metrics. COTMON_API_KEY, when set, protects every route but the last three. Requests must
+    address the server by an allowed host name (--allowed-hosts); the last three need not.
     """
     from monitor.engine.base import EngineError
     from monitor.observability import configure_logging

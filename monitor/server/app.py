@@ -23,12 +23,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from monitor.engine.base import EngineError
 from monitor.observability import Metrics, get_logger
 from monitor.pipeline import Pipeline
+from monitor.server.hosts import HostCheck, allowed_hosts
+from monitor.server.logins import LoginThrottle, LoginTokens
 from monitor.server.protocol import APIError, error_body, openai_param
 from monitor.settings import Settings
 from monitor.store import StoreError, TranscriptStore
 from monitor.store.spool import SpooledStore
 
 T = TypeVar("T")
+STORE_FAILURES = (StoreError, SQLAlchemyError)
+"""What a store that is down or unreachable raises: a 503, not a 500."""
 
 
 class Admission:
@@ -78,26 +82,48 @@ class ServerState:
     )
     """Store reads run here, off the event loop and apart from the engine's threads: a stalled
     database ties up these threads only."""
+    logins: LoginTokens = field(default_factory=LoginTokens)
+    """The viewer's login cookies."""
+    login_throttle: LoginThrottle = field(default_factory=LoginThrottle)
+    """Failed viewer logins per client address."""
 
-    async def read_store(self, call: Callable[..., T], *args: Any) -> T:
+    async def read_store(self, call: Callable[..., T], *args: Any, path: str = "") -> T:
         """`call(*args)` on a store thread; a 503 naming no internals when the store fails or takes
         longer than its timeout."""
         timeout = self.settings.store_timeout + 1
         try:
             future = asyncio.get_running_loop().run_in_executor(self.store_threads, call, *args)
             return await asyncio.wait_for(future, timeout)
-        except (StoreError, SQLAlchemyError, TimeoutError) as exc:
-            get_logger("cotmon.server").error("store_read_failed", error=f"{type(exc).__name__}: {exc}")
-            raise APIError(
-                503, "the transcript store is unavailable; retry later", type="server_error", code="store_unavailable"
-            ) from None
+        except (*STORE_FAILURES, TimeoutError) as exc:
+            raise store_unavailable(exc, path) from None
+
+
+def store_unavailable(exc: Exception, path: str) -> APIError:
+    """The 503 for a store failure; the detail (which may name the database) goes to the log only."""
+    get_logger("cotmon.server").error("store_unavailable", path=path, error=f"{type(exc).__name__}: {exc}")
+    return APIError(
+        503,
+        "transcript store unavailable; retry later",
+        type="server_error",
+        code="store_unavailable",
+        headers={"Retry-After": "5"},
+    )
 
 
 class BodyLimit:
-    """Refuses request bodies over `limit` bytes with a 413 before they are read whole."""
+    """Refuses request bodies over `limit` bytes with a 413 before they are read whole.
+
+    A declared Content-Length over the limit is refused at once. A body without one (chunked) is
+    counted as it is read; once past the limit, reading fails, and whatever the app answers to
+    that (FastAPI: a 400 "error parsing the body") is replaced by the 413, unless the app already
+    answered a 413 itself (the viewer's HTML page) or had started its answer before.
+    """
 
     def __init__(self, app: ASGIApp, limit: int):
         self.app, self.limit = app, limit
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -105,19 +131,34 @@ class BodyLimit:
             return
         declared = dict(scope.get("headers") or []).get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.limit:
-            await _send_error(send, APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large"))
+            await _send_error(send, self.too_large())
             return
-        seen = 0
+        seen, exceeded, started, replaced = 0, False, False, False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > self.limit:
-                raise APIError(413, f"request body is larger than {self.limit} bytes", code="request_too_large")
+                exceeded = True
+                raise self.too_large()
             return message
 
-        await self.app(scope, counted, send)
+        async def answer(message: Message) -> None:
+            nonlocal started, replaced
+            if message["type"] == "http.response.start" and not started:
+                started = True
+                replaced = exceeded and message["status"] != 413
+            if not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, counted, answer)
+        except Exception:
+            if not exceeded or (started and not replaced):
+                raise
+        if exceeded and (replaced or not started):
+            await _send_error(send, self.too_large())
 
 
 class CrashGuard:
@@ -217,6 +258,13 @@ def create_app(
         log.error("engine_failed", path=request.url.path, error=str(exc))
         return JSONResponse(error_body(str(exc), type="upstream_error"), status_code=502)
 
+    @app.exception_handler(StoreError)
+    @app.exception_handler(SQLAlchemyError)
+    async def store_failed(request: Request, exc: Exception) -> JSONResponse:
+        err = store_unavailable(exc, request.url.path)
+        return JSONResponse(err.body(), status_code=err.status, headers=err.headers)
+
     app.add_middleware(CrashGuard)
     app.add_middleware(BodyLimit, limit=settings.max_request_bytes)
+    app.add_middleware(HostCheck, allowed=allowed_hosts(settings))  # outermost: a foreign Host gets nothing else
     return app

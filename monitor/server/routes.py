@@ -17,9 +17,11 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response, Streami
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
+from monitor.observability import get_logger
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
+from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -73,21 +75,23 @@ async def readyz(request: Request) -> JSONResponse:
     With the spool in front of the store, a store that fails leaves the server ready (kept sessions
     wait on local disk): the answer says `"store": "degraded"` and how many wait; without it, 503.
     """
+    # Open to anyone (no key, no Host check): the reasons name no path or database; the log has the detail.
     s = state(request)
     try:
         s.settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=s.settings.data_dir):
             pass
     except OSError as exc:
-        return JSONResponse({"status": "not ready", "reason": f"data dir not writable: {exc}"}, status_code=503)
+        get_logger("cotmon.server").error("not_ready", reason="data dir not writable", error=str(exc))
+        return JSONResponse({"status": "not ready", "reason": "data directory not writable"}, status_code=503)
     body: dict[str, Any] = {"status": "ready", "model": s.model_name}
     if s.store is not None:
         try:
-            await s.read_store(s.store.ping)
+            await s.read_store(s.store.ping, path=request.url.path)
             body["store"] = "ok"
         except APIError:
             if s.spool is None:
-                return JSONResponse({"status": "not ready", "reason": "the transcript store does not answer"}, status_code=503)
+                return JSONResponse({"status": "not ready", "reason": "transcript store unavailable"}, status_code=503)
             body["store"] = "degraded"
     if s.spool is not None:
         body["spooled"] = s.spool.waiting()
@@ -104,7 +108,7 @@ async def metrics(request: Request) -> Response:
 @protected.get("/openapi.json", include_in_schema=False)
 async def openapi_schema(request: Request) -> JSONResponse:
     """The OpenAPI schema of this API (for clients and fuzzers); needs the API key when one is set."""
-    return JSONResponse(request.app.openapi())
+    return JSONResponse(api_schema(request.app))
 
 
 @protected.get("/v1/models")

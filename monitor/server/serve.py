@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -203,6 +204,11 @@ def serve(settings: Settings, default_policy: Path) -> None:
             detectors=detectors,
             policy=pipeline.policy.name,
         )
+        # What is loaded by now (model, detectors, libraries) lives as long as the process: moved out
+        # of the garbage collector's sight, a full collection (which stops every thread, the event
+        # loop's too) scans only what came later, not the whole heap.
+        gc.collect()
+        gc.freeze()
         await uvicorn.Server(config).serve()
 
     try:

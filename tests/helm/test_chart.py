@@ -15,6 +15,7 @@ import subprocess
 import sys
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
@@ -235,6 +236,26 @@ def test_grace_period_outlasts_the_drain(helm: Path) -> None:
     assert pod_spec(manifests)["terminationGracePeriodSeconds"] > 60
     result = helm_template(helm, "--set", "config.drainSeconds=60", "--set", "terminationGracePeriodSeconds=30")
     assert result.returncode != 0 and "must exceed config.drainSeconds" in result.stderr
+
+
+def test_cotmon_answers_to_every_name_the_chart_makes_it_reachable_by_and_no_other(helm: Path, tmp_path: Path) -> None:
+    """COTMON_ALLOWED_HOSTS as the pod gets it (the container runs `--host 0.0.0.0`), read by cotmon itself."""
+    from monitor.server.hosts import allowed_hosts, host_name
+    from monitor.settings import Settings
+
+    def allowed(*args: str) -> frozenset[str] | None:
+        variables = only(render(helm, *args), "ConfigMap", f"{FULLNAME}-env")["data"]
+        return allowed_hosts(Settings.load(variables, host="0.0.0.0"))
+
+    ingress = {"enabled": True, "hosts": [{"host": "cotmon.example.com"}]}
+    names = allowed(*values_file(tmp_path, {"ingress": ingress, "viewer": {"externalURL": "https://viewer.example.com:8443/"}}))
+    assert names is not None
+    reachable_at = (SERVICE_URL, f"http://{FULLNAME}:8000", f"http://{FULLNAME}.{NAMESPACE}.svc:8000", "http://localhost:8000")
+    for url in (*reachable_at, "https://cotmon.example.com", "https://viewer.example.com"):
+        assert host_name(urlsplit(url).netloc) in names, url
+    assert "evil.example" not in names
+    assert "10.0.0.9" in (allowed("--set", "config.allowedHosts={10.0.0.9}") or ())
+    assert allowed("--set", "config.allowedHosts={*}") is None
 
 
 def test_existing_secret_is_referenced_and_not_rendered(helm: Path) -> None:

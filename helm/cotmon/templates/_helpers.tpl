@@ -91,6 +91,27 @@ Call with (dict "root" $ "name" "ENV_NAME" "key" "secret-key" "value" <value in 
 {{- printf "http://%s.%s.svc.cluster.local:%v" (include "cotmon.fullname" .) .Release.Namespace .Values.service.port }}
 {{- end }}
 
+{{/*
+COTMON_ALLOWED_HOSTS: the names other pods and browsers reach cotmon by (the Service's DNS names,
+the ingress hosts, viewer.externalURL's host), then config.allowedHosts. cotmon always allows
+localhost (sidecar agents, port-forwards) and does not check the Host of probes and /metrics,
+which come addressed to the pod IP.
+*/}}
+{{- define "cotmon.allowedHosts" -}}
+{{- $fullname := include "cotmon.fullname" . }}
+{{- $ns := .Release.Namespace }}
+{{- $hosts := list $fullname (printf "%s.%s" $fullname $ns) (printf "%s.%s.svc" $fullname $ns) (printf "%s.%s.svc.cluster.local" $fullname $ns) }}
+{{- if .Values.ingress.enabled }}
+{{- range .Values.ingress.hosts }}
+{{- $hosts = append $hosts .host }}
+{{- end }}
+{{- end }}
+{{- with .Values.viewer.externalURL }}
+{{- $hosts = append $hosts (urlParse .).host }}
+{{- end }}
+{{- join "," (uniq (concat $hosts .Values.config.allowedHosts)) }}
+{{- end }}
+
 {{/* The viewer's base URL in alert links: viewer.externalURL, else the in-cluster Service URL. */}}
 {{- define "cotmon.viewerURL" -}}
 {{- if .Values.viewer.externalURL }}

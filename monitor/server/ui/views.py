@@ -6,6 +6,7 @@ and login are POST forms. The pages read the store through the same calls as `/v
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from pathlib import Path
 from typing import Any
@@ -27,14 +28,13 @@ from monitor.server.ui.web import (
     error_page,
     form_fields,
     key_matches,
-    login_token,
     page,
     require_login,
     safe_next,
     state,
 )
 from monitor.store import SessionQuery
-from monitor.types import OUTCOMES, SEVERITIES
+from monitor.types import OUTCOMES, SEVERITIES, Transcript
 
 FILTERS = ("flagged", "category", "rule", "severity", "outcome", "label", "since", "until")
 REPLAY_MODES: dict[str, ReplayMode] = {"auto": "auto", "full": "full", "policy": "policy"}
@@ -112,8 +112,13 @@ async def replay_link(request: Request, session_id: str) -> RedirectResponse:
 @pages.get("/sessions/{session_id:path}", response_class=HTMLResponse)
 async def session_page(request: Request, session_id: str) -> HTMLResponse:
     """One session: messages, the CoT and answer shaded by a detector's scores, flags, evidence, replay."""
-    s = state(request)
-    t = await stored_session(s, session_id)
+    t = await stored_session(state(request), session_id)
+    # A long session takes a while to lay out (~0.6 s for 25k tokens): off the event loop, which
+    # meanwhile serves the API and the health checks.
+    return await asyncio.to_thread(_session_page, request, t)
+
+
+def _session_page(request: Request, t: Transcript) -> HTMLResponse:
     names = render.detector_names(t)
     chosen = request.query_params.get("detector") or render.default_detector(t)
     reasoning, answer = render.token_views(t, chosen)
@@ -166,25 +171,47 @@ async def login_form(request: Request) -> Response:
 
 @router.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
-    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie."""
+    """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie: a new
+    token per login. Too many failed logins from one address get a 429 for a while."""
     check_origin(request)
-    key = state(request).settings.api_key
+    s = state(request)
+    key = s.settings.api_key
     fields = await form_fields(request)
     target = safe_next(fields.get("next"), request)
     if key is None:
         return RedirectResponse(target, status_code=303)
+    client = request.client.host if request.client else ""
+    wait = s.login_throttle.retry_after(client)
+    if wait is not None:
+        message = f"Too many failed logins from your address; try again in {wait} s."
+        refused = page(request, "login.html", 429, next=target, error=message)
+        refused.headers["Retry-After"] = str(wait)
+        return refused
     if not key_matches(fields.get("key", ""), key):
+        s.login_throttle.failed(client)
         return page(request, "login.html", 401, next=target, error="That is not this server's API key.")
+    s.login_throttle.succeeded(client)
     response = RedirectResponse(target, status_code=303)
     response.set_cookie(
-        COOKIE, login_token(key), httponly=True, samesite="strict", secure=request.url.scheme == "https", path=base_url(request)
+        COOKIE,
+        s.logins.issue(key),
+        max_age=int(s.logins.ttl_s),
+        httponly=True,
+        samesite="strict",
+        secure=request.url.scheme == "https",
+        path=base_url(request),
     )
     return response
 
 
 @router.post("/logout")
 async def logout(request: Request) -> Response:
+    """Forget the login: the cookie's token is refused from now on, even if it was copied."""
     check_origin(request)
+    s = state(request)
+    cookie = request.cookies.get(COOKIE)
+    if cookie is not None and s.settings.api_key is not None:
+        s.logins.revoke(cookie, s.settings.api_key)
     response = RedirectResponse(base_url(request) + "/login", status_code=303)
     response.delete_cookie(COOKIE, path=base_url(request), httponly=True, samesite="strict")
     return response

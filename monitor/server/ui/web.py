@@ -7,7 +7,6 @@ script at all, only this app's stylesheet, and form posts to this origin.
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 from collections.abc import Callable, Coroutine
 from pathlib import Path
@@ -19,7 +18,7 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from monitor.server.app import ServerState
+from monitor.server.app import STORE_FAILURES, ServerState, store_unavailable
 from monitor.server.protocol import APIError
 from monitor.server.ui import render
 
@@ -62,11 +61,6 @@ def base_url(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/") + "/ui"
 
 
-def login_token(key: str) -> str:
-    """What the login cookie holds: derived from the API key, so the browser never keeps the key itself."""
-    return hmac.new(key.encode(), b"cotmon ui login", hashlib.sha256).hexdigest()
-
-
 def key_matches(given: str, key: str) -> bool:
     return hmac.compare_digest(given.encode(), key.encode())
 
@@ -80,7 +74,7 @@ def authorised(request: Request) -> bool:
     if scheme.lower() == "bearer" and key_matches(given.strip(), key):
         return True
     cookie = request.cookies.get(COOKIE)
-    return cookie is not None and hmac.compare_digest(cookie.encode(), login_token(key).encode())
+    return cookie is not None and state(request).logins.valid(cookie, key)
 
 
 def require_login(request: Request) -> None:
@@ -152,6 +146,10 @@ class UIRoute(APIRoute):
                 target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
                 login = f"{base_url(request)}/login?next={quote(target, safe='')}"
                 response = RedirectResponse(login, status_code=303)
+            except STORE_FAILURES as exc:
+                err = store_unavailable(exc, request.url.path)
+                response = error_page(request, err.status, err.message)
+                response.headers.update(err.headers)
             except APIError as err:
                 response = error_page(request, err.status, err.message)
                 response.headers.update(err.headers)

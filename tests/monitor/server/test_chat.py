@@ -243,6 +243,15 @@ def test_oversized_body_is_a_413(serve: Serve) -> None:
     assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large"
 
 
+def test_an_oversized_chunked_body_without_content_length_is_a_413_too(serve: Serve) -> None:
+    server = serve(max_request_bytes=2048)
+    pieces = [b'{"model": "tiny", "messages": [{"role": "user", "content": "', *[b"x" * 1000] * 5, b'"}]}']
+    for path in ("/v1/chat/completions", "/v1/monitor/transcripts"):
+        reply = httpx.post(server.base_url + path, content=iter(pieces), headers={"content-type": "application/json"})
+        assert "content-length" not in reply.request.headers and reply.request.headers["transfer-encoding"] == "chunked"
+        assert reply.status_code == 413 and reply.json()["error"]["code"] == "request_too_large", path
+
+
 def test_api_key_guards_every_route_but_health_and_metrics(serve: Serve) -> None:
     server = serve(api_key="s3cret")
     url = server.base_url

@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 import httpx
+import jsonschema
 import pytest
 
 from conftest import LONG_COT, Serve
@@ -164,3 +165,24 @@ def test_a_label_is_stored_and_filters_but_never_names_the_session(server: Any) 
     assert sorted(s["session_id"] for s in labelled["data"]) == sorted([server.ids["long"], again["session_id"]])
     first = httpx.get(f"{server.base_url}/v1/sessions/{server.ids['long']}").json()
     assert first["flags"] and "I never ran them" in "".join(s["text"] for s in first["steps"])
+
+
+def test_the_schema_documents_invalid_requests_as_the_400s_the_server_sends(serve: Serve) -> None:
+    server = serve()
+    schema = httpx.get(server.base_url + "/openapi.json").json()
+    operations = {f"{m.upper()} {p}": op for p, ops in schema["paths"].items() for m, op in ops.items()}
+    with_input = [label for label, op in operations.items() if op.get("parameters") or op.get("requestBody")]
+    assert len(with_input) == 5, with_input
+    for label in with_input:
+        responses = operations[label]["responses"]
+        assert "422" not in responses, label
+        assert responses["400"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ErrorResponse"}, label
+    assert "HTTPValidationError" not in schema["components"]["schemas"]
+    error_schema = schema["components"]["schemas"]["ErrorResponse"]
+    for reply in (
+        httpx.get(server.base_url + "/v1/sessions", params={"limit": "lots"}),
+        httpx.post(server.base_url + "/v1/chat/completions", json={"messages": "hi"}),
+        httpx.post(server.base_url + "/v1/sessions/x/replay", json={"mode": "sideways"}),
+    ):
+        assert reply.status_code == 400, reply.request.url
+        jsonschema.validate(reply.json(), error_schema)

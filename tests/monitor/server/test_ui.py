@@ -3,8 +3,11 @@ HTTP and in a real Chromium (Playwright, no downloads: Debian's chromium, found 
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import gc
 import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,11 +20,12 @@ from component_fixtures import require
 from conftest import NEVER, Serve
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
+from monitor.server.logins import LoginThrottle, LoginTokens
 from monitor.server.serve import NO_RULES
 from monitor.server.ui.render import default_detector, quote_marks, shade, token_scores
 from monitor.settings import Settings
 from monitor.testing import ServerThread
-from monitor.types import Detection, Evidence
+from monitor.types import Detection, Evidence, TraceStep
 
 CSP = "default-src 'none'; style-src 'self'; img-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 # count_over 0.0 counts every token: fires at the 60th token, so only long reasoning is flagged.
@@ -188,6 +192,83 @@ def test_with_an_api_key_the_viewer_needs_the_key_or_the_login_cookie(serve: Ser
     assert cookie.startswith("cotmon_key=") and "HttpOnly" in cookie and "SameSite=strict" in cookie and "s3cret" not in cookie
     assert get(server, "/ui/", cookies={"cotmon_key": right.cookies["cotmon_key"]}).status_code == 200
     assert get(server, "/ui/", cookies={"cotmon_key": "forged"}).status_code == 303
+
+
+def _login(server: Any, key: str, client: httpx.Client | None = None) -> httpx.Response:
+    post = client.post if client is not None else httpx.post
+    return post(server.base_url + "/ui/login", data={"key": key, "next": "/ui/"})
+
+
+def test_after_five_failed_logins_an_address_gets_429s_with_retry_after(serve: Serve) -> None:
+    server = serve(api_key="s3cret")
+    assert [_login(server, f"guess-{i}").status_code for i in range(5)] == [401] * 5
+    refused = _login(server, "s3cret")  # even the right key, until the window has passed
+    assert refused.status_code == 429 and "Too many failed logins" in refused.text
+    assert 0 < int(refused.headers["retry-after"]) <= 300 and refused.headers["content-security-policy"] == CSP
+    with httpx.Client(transport=httpx.HTTPTransport(local_address="127.0.0.2")) as elsewhere:
+        assert _login(server, "s3cret", elsewhere).status_code == 303  # another address is not held up
+
+
+def test_the_login_throttle_forgets_failures_older_than_its_window() -> None:
+    now = [0.0]
+    throttle = LoginThrottle(max_failures=2, window_s=60, clock=lambda: now[0])
+    throttle.failed("a")
+    now[0] = 50
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 10 and throttle.retry_after("b") is None
+    now[0] = 60.5
+    assert throttle.retry_after("a") is None
+    throttle.failed("a")
+    assert throttle.retry_after("a") == 50  # the last two failures, at 50 and 60.5
+    throttle.succeeded("a")
+    assert throttle.retry_after("a") is None
+
+
+def test_each_login_gets_its_own_cookie_and_one_captured_before_logout_is_refused_after(serve: Serve) -> None:
+    server = serve(api_key="s3cret")
+    captured = _login(server, "s3cret").cookies["cotmon_key"]
+    other = _login(server, "s3cret").cookies["cotmon_key"]
+    assert captured != other
+    assert get(server, "/ui/", cookies={"cotmon_key": captured}).status_code == 200
+    logout = httpx.post(server.base_url + "/ui/logout", cookies={"cotmon_key": captured})
+    assert logout.status_code == 303
+    assert get(server, "/ui/", cookies={"cotmon_key": captured}).status_code == 303  # to the login form
+    assert get(server, "/ui/", cookies={"cotmon_key": other}).status_code == 200  # another login stays
+
+
+def test_a_login_token_expires_and_a_tampered_one_is_refused() -> None:
+    now = [1000.0]
+    tokens = LoginTokens(ttl_s=60, clock=lambda: now[0])
+    token = tokens.issue("key")
+    expiry, nonce, signature = token.split(".")
+    assert tokens.valid(token, "key") and not tokens.valid(token, "another key")
+    assert not tokens.valid(f"{int(expiry) + 3600}.{nonce}.{signature}", "key")
+    now[0] = 1061
+    assert not tokens.valid(token, "key")
+
+
+def test_a_long_session_renders_off_the_event_loop_so_health_checks_answer_meanwhile(serve: Serve, transcript: Any) -> None:
+    server = serve(store_keep="all")
+    # 25k tokens of 256 characters: on the event loop, laying them out would hold it ~0.6 s or more.
+    n = 25_000
+    steps = tuple(TraceStep("long", i, i, f"w{i % 97} " * 64, "reasoning", {}, i == n - 1) for i in range(n))
+    scores = tuple(Detection("s", "deception", (i % 100) / 100, i, i + 1) for i in range(n))
+    server.store.save(dataclasses.replace(transcript, session_id="long", steps=steps, detections=scores, evaluations=()))
+    latencies = []
+    # A full garbage collection stops every thread for a time that grows with the whole heap (here
+    # torch's and the test session's); it is not what this test measures, so none runs meanwhile.
+    gc.disable()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            rendering = pool.submit(get, server, "/ui/sessions/long")
+            while not rendering.done():
+                started = time.perf_counter()
+                assert get(server, "/healthz").status_code == 200
+                latencies.append(time.perf_counter() - started)
+            assert rendering.result().status_code == 200
+    finally:
+        gc.enable()
+    assert len(latencies) >= 5 and max(latencies) < 0.4, latencies
 
 
 def test_without_a_store_the_viewer_says_so(engine: Any, tmp_path: Path) -> None:
