@@ -10,8 +10,15 @@ Per cell it prints the median over rounds of tokens/s (all completion tokens, fr
 chunk, / the batch's wall time) and the p50/p99 TTFT pooled over rounds (request sent -> first
 SSE chunk carrying reasoning or content text). Per-session log lines are off in both modes.
 
+Concurrent streams are decoded in one forward per step (continuous batching; --no-batching: one
+forward per stream and token, as before). It also measures this machine's memory read bandwidth
+(summing a 1 GiB tensor) and prints the batch-1 ceiling it sets: bandwidth / the bytes of weights
+a decode step reads, and the share of it one client reaches. --json ends the output with one line
+of JSON: {"cells": [{"concurrency", "monitoring", "tok_s", "ttft_p50_ms", "ttft_p99_ms"}, ...], ...}.
+
     .venv/bin/python bench/serve.py                          # the embedded real model (smollm2), CPU
     .venv/bin/python bench/serve.py --rounds 1 --tokens 16   # quick check
+    .venv/bin/python bench/serve.py --json | tail -1         # the cells as JSON
     .venv/bin/python bench/serve.py --device cuda --model <hub id or path>
 """
 
@@ -19,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import statistics
 import tempfile
 import time
@@ -78,9 +86,34 @@ def write_probes(directory: Path, info: ModelInfo) -> None:
         ).save(directory / name)
 
 
-def start_server(stack: ExitStack, args: argparse.Namespace, monitored: bool, tmp: Path) -> str:
-    """A server for one mode on its own engine and metrics registry; returns its base URL."""
+def read_bandwidth(device: str, gib: float = 1.0, repeats: int = 5) -> float:
+    """Bytes per second this device reads: the best of `repeats` sums over a `gib` GiB float32 tensor."""
+    x = torch.ones(int(gib * 2**30 / 4), device=device)
+    best = float("inf")
+    for _ in range(repeats):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        float(x.sum())
+        best = min(best, time.perf_counter() - t0)
+    return x.numel() * 4 / best
+
+
+def weights_read_per_step(engine: HFEngine) -> int:
+    """Bytes of weights one decode step reads: every parameter but the input embedding table, of
+    which it reads one row (a tied output head is read whole, once)."""
+    model = engine.model
+    embedding = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    tied = head is not None and head.weight.data_ptr() == embedding.data_ptr()
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    return total if tied else total - embedding.numel() * embedding.element_size()
+
+
+def start_server(stack: ExitStack, args: argparse.Namespace, monitored: bool, tmp: Path) -> tuple[str, HFEngine]:
+    """A server for one mode on its own engine and metrics registry; its base URL and engine."""
     engine = HFEngine.load(args.model, device=args.device)
+    engine.batching = args.batching
     probes = tmp / "probes"
     if monitored:
         write_probes(probes, engine.info)
@@ -88,7 +121,7 @@ def start_server(stack: ExitStack, args: argparse.Namespace, monitored: bool, tm
     policy = load_policy(bundled_policy("default")) if monitored else NO_RULES
     settings = Settings.load({}, data_dir=tmp / ("on" if monitored else "off"), max_concurrent=64)
     pipeline = Pipeline(engine, specs, policy, metrics=Metrics(CollectorRegistry()))
-    return stack.enter_context(ServerThread(create_app(settings, pipeline, model_name="bench"))).base_url
+    return stack.enter_context(ServerThread(create_app(settings, pipeline, model_name="bench"))).base_url, engine
 
 
 async def one_request(client: AsyncOpenAI, tokens: int) -> tuple[float | None, int, bool]:
@@ -152,19 +185,27 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="max_tokens per request")
     parser.add_argument("--rounds", type=int, default=3, help="rounds per (concurrency, mode) cell")
     parser.add_argument("--requests-per-client", type=int, default=2, help="sequential requests per client per round")
+    parser.add_argument(
+        "--no-batching", dest="batching", action="store_false", help="one forward per stream and token (no continuous batching)"
+    )
+    parser.add_argument("--json", action="store_true", help="end with one line of JSON holding every cell")
     args = parser.parse_args()
     configure_logging(json=False, level="warning")  # no per-session log lines in either mode
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
-        urls = {mode: start_server(stack, args, mode == "on", Path(tmp)) for mode in MODES}
-        cells = asyncio.run(measure(urls, args))
+        servers = {mode: start_server(stack, args, mode == "on", Path(tmp)) for mode in MODES}
+        cells = asyncio.run(measure({mode: url for mode, (url, _) in servers.items()}, args))
+        weight_bytes = weights_read_per_step(servers["off"][1])
+    bandwidth = read_bandwidth(args.device)
     table = Table(
         title=f"cotmon serving, {args.model} on {args.device}, max_tokens {args.tokens}, "
-        f"{args.requests_per_client} requests/client/round, {args.rounds} alternating rounds"
+        f"{args.requests_per_client} requests/client/round, {args.rounds} alternating rounds, "
+        f"batching {'on' if args.batching else 'off'}"
     )
     columns = ("concurrency", "monitoring", "requests", "tok/s total", "p50 TTFT ms", "p99 TTFT ms", "on/off tok/s")
     for col in columns:
         table.add_column(col, justify="right")
+    rows = []
     for concurrency in CONCURRENCY:
         for mode in MODES:
             cell = cells[concurrency, mode]
@@ -172,13 +213,31 @@ def main() -> None:
             p50, p99 = np.percentile(cell.ttfts, [50, 99]) * 1000 if cell.ttfts else (float("nan"),) * 2
             ratio = f"{rate / statistics.median(cells[concurrency, 'off'].rates):.3f}" if mode == "on" else ""
             table.add_row(str(concurrency), mode, str(cell.requests), f"{rate:.1f}", f"{p50:.1f}", f"{p99:.1f}", ratio)
+            row = {"concurrency": concurrency, "monitoring": mode, "requests": cell.requests, "tok_s": round(rate, 2)}
+            rows.append(row | {"ttft_p50_ms": round(float(p50), 1), "ttft_p99_ms": round(float(p99), 1)})
         if concurrency != CONCURRENCY[-1]:
             table.add_section()
     Console(width=130).print(table)
+    ceiling = bandwidth / weight_bytes
+    one = statistics.median(cells[1, "off"].rates)
+    print(
+        f"batch-1 ceiling: {bandwidth / 1e9:.1f} GB/s read / {weight_bytes / 1e6:.0f} MB of weights per step = "
+        f"{ceiling:.1f} tok/s; 1 client reaches {one:.1f} tok/s ({one / ceiling:.0%}); batching reads the weights "
+        "once for every stream in a step, so many clients can pass it"
+    )
+    single = statistics.median(cells[1, "on"].rates)
+    for concurrency in CONCURRENCY[1:]:
+        gain = statistics.median(cells[concurrency, "on"].rates) / single
+        print(f"{concurrency} clients / 1 client, monitoring on: {gain:.2f}x")
     halted = sum(cell.halted for cell in cells.values())
     if halted:
         print(f"note: the policy halted {halted} monitored streams early (their tokens still count)")
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, took {time.perf_counter() - began:.0f} s")
+    took = time.perf_counter() - began
+    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, took {took:.0f} s")
+    if args.json:
+        summary = {"model": args.model, "device": args.device, "tokens": args.tokens, "batching": args.batching}
+        summary |= {"bandwidth_gb_s": round(bandwidth / 1e9, 2), "weight_bytes": weight_bytes, "ceiling_tok_s": round(ceiling, 2)}
+        print(json.dumps({"cells": rows, **summary, "seconds": round(took)}))
 
 
 if __name__ == "__main__":

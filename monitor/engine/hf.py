@@ -4,6 +4,9 @@ Each generated token is fed back through the model before its step is yielded, s
 readouts of a step are those of the token's own position, exactly what teacher-forcing the
 same text computes. The next forward runs only when the consumer asks for the next step:
 closing the stream (a halt, a disconnect) stops generation before another token is emitted.
+
+Sessions that decode at the same time share each step's forward (`monitor.engine.batching`):
+the weights are read once for all their tokens.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import contextlib
 import inspect
 import threading
 import uuid
+import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -22,6 +26,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
+from monitor.engine.batching import DecodeBatch, Seat, batchable
 from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_model
 from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.text import (
@@ -72,6 +77,9 @@ class HFEngine:
         self._lock = threading.Lock()
         self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
         self._cache_kwarg = cache_kwarg(model)
+        self.batching = True
+        """Decode concurrent sessions in one forward per step (False: one forward per session and token)."""
+        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DecodeBatch] = weakref.WeakKeyDictionary()
 
     @classmethod
     def load(
@@ -160,6 +168,39 @@ class HFEngine:
             readouts = self._hooks.collect()[0] if self._hooks is not None else None
             return out.logits[0, -1].float(), readouts
 
+    def _forward_rows(
+        self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None, positions: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One decode step for a batch (the caller holds the lock): logits [B, vocab], readouts [B, n].
+        Without a mask it is `_forward`'s call exactly."""
+        with torch.inference_mode():
+            kwargs: dict[str, Any] = {self._cache_kwarg: cache}
+            if mask is not None:
+                kwargs |= {"attention_mask": mask, "position_ids": positions}
+            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            readouts = self._hooks.collect()[:, -1] if self._hooks is not None else None
+            return out.logits[:, -1].float(), readouts
+
+    def decode_batch(self) -> DecodeBatch:
+        """The batch of this event loop's decoding sessions."""
+        loop = asyncio.get_running_loop()
+        batch = self._batches.get(loop)
+        if batch is None:
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            batch = self._batches[loop] = DecodeBatch(self._forward_rows, self._lock, int(pad))
+        return batch
+
+    def _seat(self, cache: DynamicCache, length: int) -> Seat | None:
+        return self.decode_batch().join(cache, length) if self.batching and batchable(cache) else None
+
+    async def _decode(self, seat: Seat | None, token: int, cache: DynamicCache) -> tuple[torch.Tensor, list[float] | None]:
+        """Read `token` at the session's next position: its logits and readouts."""
+        if seat is not None:
+            logits, values = await seat.step(token)
+            return logits, None if values is None else values.tolist()
+        logits, rows = await asyncio.to_thread(self._forward, [token], cache)
+        return logits, _row(rows, 0)
+
     def _step(
         self,
         session_id: str,
@@ -182,27 +223,34 @@ class HFEngine:
         sampler = _Sampler(request, self.device)
         eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         cache = DynamicCache()
-        logits, _ = await asyncio.to_thread(self._forward, self.encode(prompt_text), cache)
+        prompt_ids = self.encode(prompt_text)
+        logits, _ = await asyncio.to_thread(self._forward, prompt_ids, cache)
         forced: deque[int] = deque()
         pending = self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
         budget = request.max_reasoning_tokens
         if budget is None and self.think is not None:
             budget = max(1, min(self.think.budget, request.max_tokens // 2))
-        for index in range(request.max_tokens):
-            if pending in eos:
-                return
-            token = pending
-            logits, values = await asyncio.to_thread(self._forward, [token], cache)
-            step = self._step(session_id, index, token, decoder, tracker, _row(values, 0), final=False)
-            final = index + 1 >= request.max_tokens
-            if not final:
-                if not forced and budget is not None and tracker.channel == "reasoning" and tracker.reasoning_tokens >= budget:
-                    forced.extend(self._close_ids)  # reasoning budget spent: close the think block
-                pending = forced.popleft() if forced else self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
-                final = pending in eos
-            yield _finalised(step, final)
-            if final:
-                return
+        seat = self._seat(cache, len(prompt_ids))
+        try:
+            for index in range(request.max_tokens):
+                if pending in eos:
+                    return
+                token = pending
+                logits, values = await self._decode(seat, token, cache)
+                step = self._step(session_id, index, token, decoder, tracker, values, final=False)
+                final = index + 1 >= request.max_tokens
+                if not final:
+                    spent = budget is not None and tracker.channel == "reasoning" and tracker.reasoning_tokens >= budget
+                    if not forced and spent:
+                        forced.extend(self._close_ids)  # reasoning budget spent: close the think block
+                    pending = forced.popleft() if forced else self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
+                    final = pending in eos
+                yield _finalised(step, final)
+                if final:
+                    return
+        finally:
+            if seat is not None:
+                seat.leave()
 
     def _unless_stopped_thinking(self, token: int, eos: frozenset[int], tracker: ChannelTracker, forced: deque[int]) -> int:
         """`token`, unless a prompted model ends its turn inside the think block: then the block is
