@@ -83,6 +83,9 @@ class HFEngine:
         self.info = info
         self.think = think
         """Set for an instruct model made to reason: see `monitor.engine.models.ThinkPrompt`."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        positions = getattr(config, "max_position_embeddings", None)
+        self.context_length: int | None = int(positions) if positions else None
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK["cpu" if self.device.type == "cpu" else "accelerator"]
         """Tokens per forward when reading a prompt or text (see the module docstring)."""
@@ -168,6 +171,9 @@ class HFEngine:
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self.encode(self.render_prompt(messages)))
+
+    def text_tokens(self, text: str) -> int:
+        return len(self.encode(text))
 
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))

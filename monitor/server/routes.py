@@ -20,6 +20,7 @@ from monitor.engine.text import compose_assistant_text
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
+from monitor.server.limits import TokenLimits
 from monitor.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -126,7 +127,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ignore_eos=body.ignore_eos,
         session_id=uuid.uuid4().hex,
     )
-    prompt_tokens = s.pipeline.engine.prompt_tokens(messages)
+    prompt_tokens = await TokenLimits.of(s.settings, s.pipeline.engine).prompt(messages)
     await s.admission.enter()
     try:
         session = s.pipeline.generate(gen)
@@ -211,6 +212,9 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
         raise APIError(400, "give either 'completion' or 'reasoning' (with an optional 'answer')", param="completion")
     if not text.strip():
         raise APIError(400, "the transcript is empty", param="completion")
+    limits = TokenLimits.of(s.settings, s.pipeline.engine)
+    given = "completion" if body.completion is not None else "reasoning"
+    await limits.transcript(text, await limits.prompt(messages), given)
     await s.admission.enter()
     try:
         transcript = await s.pipeline.teacher_force(messages, text, session_id=body.session_id or uuid.uuid4().hex).run()
