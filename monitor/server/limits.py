@@ -1,4 +1,5 @@
-"""What one request may cost the engine: token limits checked before it takes a slot.
+"""What one request may cost the engine: token limits checked before it takes a slot, and work
+cancelled when its client leaves.
 
 Reading a prompt costs time and memory that grow with its length (attention: quadratically), so
 prompts and watch transcripts are counted with the model's own tokenizer, off the event loop
@@ -9,13 +10,19 @@ prompts and watch transcripts are counted with the model's own tokenizer, off th
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Awaitable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
+
+from starlette.requests import Request
 
 from monitor.engine.base import Engine
 from monitor.server.protocol import APIError
 from monitor.settings import Settings
 from monitor.types import ChatMessage
+
+T = TypeVar("T")
 
 CONTEXT_LENGTH_EXCEEDED = "context_length_exceeded"
 """OpenAI's error code for the same refusal, which clients already handle."""
@@ -63,3 +70,29 @@ class TokenLimits:
 
 def _too_long(message: str, param: str) -> APIError:
     return APIError(400, message, param=param, code=CONTEXT_LENGTH_EXCEEDED)
+
+
+async def unless_disconnected(request: Request, work: Awaitable[T]) -> T:
+    """`work`'s result, or `work` cancelled (and a 499) as soon as the client disconnects.
+
+    A streamed response is cancelled by Starlette when its client leaves; a plain one is not,
+    and would keep the engine reading for nobody. The engine stops within one chunk or token.
+    """
+    task = asyncio.ensure_future(work)
+    left = asyncio.ensure_future(_disconnect(request))
+    try:
+        await asyncio.wait((task, left), return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for pending in (task, left):
+            pending.cancel()
+    if not task.done() or task.cancelled():
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        raise APIError(499, "the client closed the request", code="client_closed_request")
+    return task.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects (the body has been read: nothing else arrives)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass

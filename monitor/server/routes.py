@@ -20,7 +20,7 @@ from monitor.engine.text import compose_assistant_text
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
-from monitor.server.limits import TokenLimits
+from monitor.server.limits import TokenLimits, unless_disconnected
 from monitor.server.protocol import (
     APIError,
     ChatCompletionRequest,
@@ -141,7 +141,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         events = _sse(s, session, completion_id, max_tokens, prompt_tokens, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     try:
-        transcript = await session.run()
+        transcript = await unless_disconnected(request, session.run())
     finally:
         s.admission.leave()
     text = split_steps(transcript.steps)
@@ -217,7 +217,8 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
     await limits.transcript(text, await limits.prompt(messages), given)
     await s.admission.enter()
     try:
-        transcript = await s.pipeline.teacher_force(messages, text, session_id=body.session_id or uuid.uuid4().hex).run()
+        session = s.pipeline.teacher_force(messages, text, session_id=body.session_id or uuid.uuid4().hex)
+        transcript = await unless_disconnected(request, session.run())
     finally:
         s.admission.leave()
     return JSONResponse(

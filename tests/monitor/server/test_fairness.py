@@ -73,3 +73,16 @@ def test_a_client_that_leaves_during_a_long_prefill_frees_the_engine(serve: Serv
     print(f"short request {short_s:.2f} s after the long one's client left")
     assert short_s < 1.0
     assert server.metrics.registry.get_sample_value("cotmon_sessions_total", {"outcome": "aborted"}) == 1
+
+
+def test_a_watch_request_whose_client_leaves_stops_being_read(serve: Serve, wide_engine: HFEngine) -> None:
+    server = serve(use_engine=wide_engine)
+    body = {"messages": SHORT, "completion": LONG[0]["content"]}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.base_url + "/v1/monitor/transcripts", json=body, timeout=0.3)
+    left = time.monotonic()
+    aborted = None
+    while not aborted and time.monotonic() - left < 1.0:
+        aborted = server.metrics.registry.get_sample_value("cotmon_sessions_total", {"outcome": "aborted"})
+        time.sleep(0.01)
+    assert aborted == 1, "the transcript was read on after its client left"
