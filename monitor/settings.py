@@ -113,6 +113,12 @@ class Settings(BaseModel):
     max_queued: int = Field(0, ge=0, description="Requests that wait for a slot; beyond them: 429.")
     max_tokens_limit: int = Field(4096, ge=1, description="Largest max_tokens a request may ask for.")
     max_request_bytes: int = Field(1_000_000, ge=1024, description="Largest request body.")
+    max_prompt_tokens: int = Field(
+        8192, ge=1, description="Longest prompt in tokens (or the model's context length, when smaller); longer: 400."
+    )
+    max_transcript_tokens: int = Field(
+        8192, ge=1, description="Watch mode: longest transcript (reasoning + answer) in tokens; longer: 400."
+    )
     drain_seconds: float = Field(30.0, ge=0, description="On SIGTERM, how long in-flight streams may finish.")
 
     @field_validator("allowed_hosts", mode="before")

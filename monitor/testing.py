@@ -45,6 +45,7 @@ class ScriptedEngine:
         info: ModelInfo = SCRIPTED_MODEL,
     ):
         self.info = info
+        self.context_length: int | None = None
         self.tokens = list(tokens)
         self.values = list(readouts) if readouts is not None else [{} for _ in tokens]
         if len(self.values) != len(self.tokens):
@@ -69,6 +70,9 @@ class ScriptedEngine:
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return sum(len(m.content.split()) for m in messages)
+
+    def text_tokens(self, text: str) -> int:
+        return len(text.split())
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
         return self._play(request.session_id)

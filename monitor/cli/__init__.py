@@ -178,6 +178,8 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
 )
 @click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
 @click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
+@click.option("--max-prompt-tokens", type=int, default=None, help="Longest prompt; longer: 400 [8192 or the context].")
+@click.option("--max-transcript-tokens", type=int, default=None, help="Watch mode: longest transcript in tokens [8192].")
 def serve(**options: Any) -> None:
     """Serve the model behind an OpenAI-compatible API, monitoring every stream.
 

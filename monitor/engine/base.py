@@ -21,6 +21,8 @@ class Engine(Protocol):
     """Generates or teacher-forces tokens and computes the installed readouts on device."""
 
     info: ModelInfo
+    context_length: int | None
+    """Most tokens (prompt and text) the model reads in one sequence; None when the engine does not say."""
 
     def install(self, readouts: Sequence[AnyReadout]) -> None:
         """Compile `readouts` into the fused on-device readout; replaces what was installed."""
@@ -31,7 +33,11 @@ class Engine(Protocol):
         ...
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
-        """Length of the rendered prompt in tokens (for usage accounting)."""
+        """Length of the rendered prompt in tokens (for usage accounting and the prompt limit)."""
+        ...
+
+    def text_tokens(self, text: str) -> int:
+        """Length of an assistant text in tokens (watch mode's transcript limit)."""
         ...
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:

@@ -5,6 +5,11 @@ readouts of a step are those of the token's own position, exactly what teacher-f
 same text computes. The next forward runs only when the consumer asks for the next step:
 closing the stream (a halt, a disconnect) stops generation before another token is emitted.
 
+A prompt or text is read `prefill_chunk` tokens per forward, with the lock let go between
+chunks: other streams' tokens interleave with a long prefill instead of waiting for all of it,
+and a stream cancelled during one stops after the chunk in flight. With the KV cache, chunks give
+the readouts of a single forward (to float rounding).
+
 Sessions that decode at the same time share each step's forward (`monitor.engine.batching`):
 the weights are read once for all their tokens.
 """
@@ -41,6 +46,12 @@ from monitor.engine.text import (
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
+PREFILL_CHUNK = {"cpu": 128, "accelerator": 512}
+"""Tokens per forward when reading a prompt or text, by device. Another stream waits for at most
+one chunk per token it generates: on 2 CPU cores a 128-token chunk of smollm2 takes 0.5-1.5 s
+(more deep into a long prompt); an accelerator reads 512 in milliseconds, and needs chunks that
+large to be busy. Smaller chunks cost the long prompt some speed (on CPU, 128: ~+50%)."""
+
 
 def resolve_device(device: str) -> torch.device:
     if device == "auto":
@@ -63,13 +74,26 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 class HFEngine:
     """Generation and teacher-forcing with a transformers model; see the module docstring."""
 
-    def __init__(self, model: Any, tokenizer: Any, info: ModelInfo, think: ThinkPrompt | None = None):
+    def __init__(
+        self,
+        model: Any,
+        tokenizer: Any,
+        info: ModelInfo,
+        think: ThinkPrompt | None = None,
+        *,
+        prefill_chunk: int | None = None,
+    ):
         self.model = model
         self.tokenizer = tokenizer
         self.info = info
         self.think = think
         """Set for an instruct model made to reason: see `monitor.engine.models.ThinkPrompt`."""
+        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        positions = getattr(config, "max_position_embeddings", None)
+        self.context_length: int | None = int(positions) if positions else None
         self.device = next(model.parameters()).device
+        self.prefill_chunk = prefill_chunk or PREFILL_CHUNK["cpu" if self.device.type == "cpu" else "accelerator"]
+        """Tokens per forward when reading a prompt or text (see the module docstring)."""
         self._layers = decoder_layers(model)
         self._plan: ReadoutPlan | None = None
         self._hooks: ReadoutHooks | None = None
@@ -156,8 +180,23 @@ class HFEngine:
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self.encode(self.render_prompt(messages)))
 
+    def text_tokens(self, text: str) -> int:
+        return len(self.encode(text))
+
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
+
+    async def _prefill(self, input_ids: Sequence[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`_forward` of `input_ids` into `cache`, `prefill_chunk` tokens at a time: the logits of
+        the last position and the readouts of every position ([seq, n] or None). The lock is free
+        between chunks, and a cancelled caller stops before the next one."""
+        logits, parts = None, []
+        for start in range(0, len(input_ids), self.prefill_chunk):
+            logits, values = await asyncio.to_thread(self._forward, list(input_ids[start : start + self.prefill_chunk]), cache)
+            if values is not None:
+                parts.append(values)
+        assert logits is not None, "nothing to read"
+        return logits, torch.cat(parts) if parts else None
 
     def _forward(self, input_ids: list[int], cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last position and readouts of every position ([seq, n] or None)."""
@@ -224,7 +263,7 @@ class HFEngine:
         eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         cache = DynamicCache()
         prompt_ids = self.encode(prompt_text)
-        logits, _ = await asyncio.to_thread(self._forward, prompt_ids, cache)
+        logits, _ = await self._prefill(prompt_ids, cache)
         forced: deque[int] = deque()
         pending = self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
         budget = request.max_reasoning_tokens
@@ -277,12 +316,12 @@ class HFEngine:
         last = len(text_ids) - 1
         if stepwise:  # the calls `stream` makes, so the arithmetic (and the readouts) are the same
             cache = DynamicCache()
-            await asyncio.to_thread(self._forward, prompt_ids, cache)
+            await self._prefill(prompt_ids, cache)
             for index, token in enumerate(text_ids):
                 _, values = await asyncio.to_thread(self._forward, [token], cache)
                 yield self._step(session_id, index, token, decoder, tracker, _row(values, 0), index == last)
             return
-        _, values = await asyncio.to_thread(self._forward, prompt_ids + text_ids, None)
+        _, values = await self._prefill(prompt_ids + text_ids, DynamicCache())
         for index, token in enumerate(text_ids):
             yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
 
@@ -427,7 +466,7 @@ class IncrementalForcer:
     async def _advance(self, final: bool) -> list[TraceStep]:
         engine = self._engine
         if self._prompt_ids is not None:
-            await asyncio.to_thread(engine._forward, self._prompt_ids, self._cache)
+            await engine._prefill(self._prompt_ids, self._cache)
             self._prompt_ids = None
         end = len(self._text) if final else len(self._text) - partial_tag_length(self._text, self._tags)
         encoded = engine.tokenizer(self._text[self._covered : end], add_special_tokens=False, return_offsets_mapping=True)
@@ -436,7 +475,7 @@ class IncrementalForcer:
             return []
         new = list(encoded["input_ids"][:take])
         self._covered += int(encoded["offset_mapping"][take - 1][1])
-        _, values = await asyncio.to_thread(engine._forward, new, self._cache)
+        _, values = await engine._prefill(new, self._cache)
         steps = []
         for i, token in enumerate(new):
             last = final and i == take - 1

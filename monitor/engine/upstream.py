@@ -39,6 +39,7 @@ class UpstreamEngine:
         self.reader = reader
         self.model = model
         self.info = reader.info
+        self.context_length = reader.context_length
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self._timeout = httpx.Timeout(timeout, connect=10.0)
 
@@ -50,6 +51,9 @@ class UpstreamEngine:
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return self.reader.prompt_tokens(messages)
+
+    def text_tokens(self, text: str) -> int:
+        return self.reader.text_tokens(text)
 
     def _payload(self, request: GenerationRequest) -> dict[str, Any]:
         payload: dict[str, Any] = {

@@ -81,11 +81,14 @@ class VLLMEngine:
         eos: frozenset[int] = frozenset(),
         capture: Capture = "aux",
         readout_timeout_s: float = 30.0,
+        context_length: int | None = None,
     ):
         self._start = start
         self._params = sampling_params
         self.tokenizer = tokenizer
         self.info = info
+        self.context_length = context_length
+        """max_model_len, or the model's own when unset (vLLM refuses longer sequences itself too)."""
         self.think_ids = think_ids
         self.eos = eos
         self.capture = capture
@@ -154,6 +157,7 @@ class VLLMEngine:
             think_ids=_think_ids(reasoning_parser, tokenizer),
             eos=eos_ids(tokenizer, config),
             capture=capture,
+            context_length=max_model_len or getattr(text, "max_position_embeddings", None),
         )
 
     # -- readouts -----------------------------------------------------------------------------
@@ -204,6 +208,9 @@ class VLLMEngine:
 
     def prompt_tokens(self, messages: Sequence[ChatMessage]) -> int:
         return len(self.encode(self.render_prompt(messages)))
+
+    def text_tokens(self, text: str) -> int:
+        return len(self.encode(text))
 
     def stream(self, request: GenerationRequest) -> AsyncGenerator[TraceStep, None]:
         prompt_text = self.render_prompt(request.messages)

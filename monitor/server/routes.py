@@ -21,6 +21,7 @@ from monitor.observability import get_logger
 from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
+from monitor.server.limits import TokenLimits, unless_disconnected
 from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
     APIError,
@@ -141,7 +142,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         ignore_eos=body.ignore_eos,
         session_id=uuid.uuid4().hex,
     )
-    prompt_tokens = s.pipeline.engine.prompt_tokens(messages)
+    prompt_tokens = await TokenLimits.of(s.settings, s.pipeline.engine).prompt(messages)
     await s.admission.enter()
     try:
         session = s.pipeline.generate(gen)
@@ -155,7 +156,7 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         events = _sse(s, session, completion_id, max_tokens, prompt_tokens, include_usage)
         return StreamingResponse(events, media_type="text/event-stream", headers=headers)
     try:
-        transcript = await session.run()
+        transcript = await unless_disconnected(request, session.run())
     finally:
         s.admission.leave()
     await _stored(s, transcript.session_id)
@@ -238,9 +239,13 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
         raise APIError(400, "the transcript is empty", param="completion")
     if body.session_id is not None:  # a chosen id could name (and so replace) another session's evidence
         raise APIError(400, "session ids are assigned by the server; pass your own id as 'label'", param="session_id")
+    limits = TokenLimits.of(s.settings, s.pipeline.engine)
+    given = "completion" if body.completion is not None else "reasoning"
+    await limits.transcript(text, await limits.prompt(messages), given)
     await s.admission.enter()
     try:
-        transcript = await s.pipeline.teacher_force(messages, text, label=body.label).run()
+        session = s.pipeline.teacher_force(messages, text, label=body.label)
+        transcript = await unless_disconnected(request, session.run())
     finally:
         s.admission.leave()
     await _stored(s, transcript.session_id)

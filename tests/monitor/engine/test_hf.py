@@ -108,3 +108,20 @@ async def test_extreme_but_valid_sampling_parameters_still_sample(
 ) -> None:
     request = GenerationRequest(MESSAGES, max_tokens=4, temperature=temperature, top_p=top_p, seed=seed)
     assert len([s async for s in engine.stream(request)]) >= 1
+
+
+async def test_reading_in_chunks_gives_the_readouts_of_one_forward(engine: HFEngine, forward_count: Callable[[], int]) -> None:
+    _install(engine)
+    text = "I did not run the tests.\n</think>\n\nAll 112 tests pass."
+    request = GenerationRequest(MESSAGES, max_tokens=20)
+    engine.prefill_chunk = 1000  # all in one forward
+    whole, whole_generated = [s async for s in engine.teacher_force(MESSAGES, text)], [s async for s in engine.stream(request)]
+    before, engine.prefill_chunk = forward_count(), 7
+    chunked = [s async for s in engine.teacher_force(MESSAGES, text)]
+    prompt = engine.prompt_tokens(MESSAGES)
+    assert forward_count() - before == -(-(prompt + len(whole)) // 7)  # ceil: read 7 tokens per forward
+    chunked_generated = [s async for s in engine.stream(request)]
+    for a, b in ((whole, chunked), (whole_generated, chunked_generated)):
+        assert [s.token_id for s in a] == [s.token_id for s in b]
+        worst = max(abs(x.readouts[k] - y.readouts[k]) for x, y in zip(a, b, strict=True) for k in x.readouts)
+        assert worst <= 1e-4

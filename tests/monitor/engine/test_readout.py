@@ -39,7 +39,9 @@ def _reference(engine: HFEngine, readouts: list[Readout]) -> dict[str, np.ndarra
     return ref
 
 
-async def test_hook_readouts_equal_hidden_state_matmul_on_several_layers(engine: HFEngine) -> None:
+@pytest.mark.parametrize("prefill_chunk", [1000, 5])
+async def test_hook_readouts_equal_hidden_state_matmul_on_several_layers(engine: HFEngine, prefill_chunk: int) -> None:
+    engine.prefill_chunk = prefill_chunk  # 1000: one forward; 5: in chunks, through the KV cache
     readouts = _columns(engine.info.d_model, [0, 1, 2], per_layer=3)
     engine.install(readouts)
     steps = [s async for s in engine.teacher_force(MESSAGES, TEXT)]
