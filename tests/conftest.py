@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -133,19 +134,28 @@ def make_probe(tmp_path: Path, engine: HFEngine) -> ProbeFactory:
     return make
 
 
-@pytest.fixture
-def forward_count(engine: HFEngine, monkeypatch: pytest.MonkeyPatch) -> Callable[[], int]:
-    """Counts the engine's forward passes from now on; call the returned function to read it."""
+@contextmanager
+def counting_forwards(model: Any) -> Iterator[Callable[[], int]]:
+    """Counts `model`'s forward passes in the block (batched decode steps once each); the yielded
+    function reads the count."""
     calls = 0
-    forward = engine._forward
 
-    def counting(*args: Any, **kwargs: Any) -> Any:
+    def count(*_: Any) -> None:
         nonlocal calls
         calls += 1
-        return forward(*args, **kwargs)
 
-    monkeypatch.setattr(engine, "_forward", counting)
-    return lambda: calls
+    handle = model.register_forward_pre_hook(count)
+    try:
+        yield lambda: calls
+    finally:
+        handle.remove()
+
+
+@pytest.fixture
+def forward_count(engine: HFEngine) -> Iterator[Callable[[], int]]:
+    """Counts the engine's forward passes from now on; call the returned function to read it."""
+    with counting_forwards(engine.model) as count:
+        yield count
 
 
 # Fires when 5 tokens in a row score >= 0, i.e. on the 5th token, whatever the probe says.

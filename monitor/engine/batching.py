@@ -194,7 +194,7 @@ class DecodeBatch:
             assert self._cache is not None and self._mask is not None
             device = _tensors(self._cache)[0][0].device
             reading = torch.tensor([id(s) in tokens for s in seats], dtype=torch.long)
-            ids = torch.tensor([[tokens.get(id(s)) or self._pad_id] for s in seats], device=device)
+            ids = torch.tensor([[self._pad_id if tokens.get(id(s)) is None else tokens[id(s)]] for s in seats], device=device)
             lone = len(seats) == 1 and bool(self._mask.all())
             if lone:  # the engine's unbatched call: bit for bit what a session alone always got
                 logits, values = self._forward(ids, self._cache, None, None)

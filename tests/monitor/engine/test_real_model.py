@@ -14,7 +14,7 @@ import pytest
 import torch
 from prometheus_client import CollectorRegistry
 
-from conftest import MODELS, ProbeFactory
+from conftest import MODELS, ProbeFactory, counting_forwards
 from monitor.engine.base import EngineError
 from monitor.engine.hf import HFEngine
 from monitor.engine.models import MANIFEST, SMOLLM2, cache_is_complete, dequantised, known_file, resolve_model
@@ -101,21 +101,10 @@ def test_a_halt_on_the_real_model_stops_within_one_token(real_engine: HFEngine, 
     pipeline = Pipeline(
         real_engine, [spec], parse_policy({"name": "t", "rules": [rule]}, "t"), metrics=Metrics(CollectorRegistry())
     )
-    forwards = 0
-    forward = real_engine._forward
-
-    def counting(*args: object, **kwargs: object) -> object:
-        nonlocal forwards
-        forwards += 1
-        return forward(*args, **kwargs)  # type: ignore[arg-type]
-
-    real_engine._forward = counting  # type: ignore[method-assign]
-    try:
+    with counting_forwards(real_engine.model) as forwards:
         transcript = asyncio.run(pipeline.generate(greedy(200, ignore_eos=True)).run())
-    finally:
-        del real_engine._forward
     assert transcript.outcome == "halted" and [f.index for f in transcript.flags] == [6]
-    assert len(transcript.steps) == 7 and forwards == 1 + 7  # the prompt, then one forward per emitted token
+    assert len(transcript.steps) == 7 and forwards() == 1 + 7  # the prompt, then one forward per emitted token
 
 
 def test_the_gguf_cache_is_checked_and_a_corrupt_one_is_rebuilt(tmp_path: Path) -> None:
