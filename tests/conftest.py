@@ -19,6 +19,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from monitor.engine.base import Engine
+from monitor.engine.batching import PromptCache
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
@@ -153,7 +154,9 @@ def counting_forwards(model: Any) -> Iterator[Callable[[], int]]:
 
 @pytest.fixture
 def forward_count(engine: HFEngine) -> Iterator[Callable[[], int]]:
-    """Counts the engine's forward passes from now on; call the returned function to read it."""
+    """Counts the engine's forward passes from now on (no prompt read before is remembered); call
+    the returned function to read it."""
+    engine.prompts = PromptCache()
     with counting_forwards(engine.model) as count:
         yield count
 

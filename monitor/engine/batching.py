@@ -104,13 +104,23 @@ class DecodeBatch:
             self._wake.set()
 
     async def _run(self) -> None:
+        try:
+            await self._serve()
+        except BaseException as exc:  # never leave a seat waiting for a step that will not come
+            for s in self._seats:
+                if s.result is not None and not s.result.done():
+                    s.result.set_exception(exc if isinstance(exc, Exception) else RuntimeError("decode batch stopped"))
+            raise
+
+    async def _serve(self) -> None:
         assert self._wake is not None
         while True:
             self._seats = [s for s in self._seats if not s.left or s.row >= 0]
             if not any(not s.left for s in self._seats):
-                await asyncio.to_thread(self._rebuild)  # drop the rows of seats that left
-                self._seats = []
-                return
+                if any(s.row >= 0 for s in self._seats):
+                    await asyncio.to_thread(self._rebuild)  # drop the rows of seats that left
+                    continue  # a session may have joined meanwhile
+                return  # nothing in between: a later join starts a new runner
             if not any(s.token is not None for s in self._seats):
                 self._wake.clear()
                 await self._wake.wait()
@@ -225,3 +235,39 @@ def batchable(cache: Any) -> bool:
     """Whether a model's KV cache can be merged into a left-padded batch: plain full-attention layers
     (a sliding-window or recurrent layer keeps state that padding would corrupt)."""
     return all(type(layer).__name__ == "DynamicLayer" for layer in getattr(cache, "layers", ()))
+
+
+class PromptCache:
+    """The KV caches of recent prompts, so that a prompt seen again (agents resend theirs, clients
+    retry, a benchmark repeats one) is not read again: an exact match by token ids gives a copy of
+    the cache and the last position's logits, bit for bit what reading the prompt computes.
+
+    Args:
+        entries: prompts kept (least recently used out first).
+        max_tokens: longer prompts are not kept (their caches are large and rarely repeat).
+    """
+
+    def __init__(self, entries: int = 8, max_tokens: int = 4096):
+        self.entries, self.max_tokens = entries, max_tokens
+        self._kept: dict[tuple[int, ...], tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor]] = {}
+        self._lock = threading.Lock()
+        self.hits = 0
+
+    def get(self, prompt: tuple[int, ...]) -> tuple[DynamicCache, torch.Tensor] | None:
+        with self._lock:
+            found = self._kept.pop(prompt, None)
+            if found is None:
+                return None
+            self._kept[prompt] = found  # most recently used last
+            self.hits += 1
+        layers, logits = found
+        return DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in layers]), logits.clone()
+
+    def put(self, prompt: tuple[int, ...], cache: DynamicCache, logits: torch.Tensor) -> None:
+        if not 0 < len(prompt) <= self.max_tokens or not batchable(cache):
+            return
+        copy = [(k.clone(), v.clone()) for k, v in _tensors(cache)]
+        with self._lock:
+            self._kept[prompt] = (copy, logits.clone())
+            while len(self._kept) > self.entries:
+                del self._kept[next(iter(self._kept))]

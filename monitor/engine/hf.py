@@ -31,7 +31,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
-from monitor.engine.batching import DecodeBatch, Seat, batchable
+from monitor.engine.batching import DecodeBatch, PromptCache, Seat, batchable
 from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_model
 from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.text import (
@@ -104,6 +104,8 @@ class HFEngine:
         self.batching = True
         """Decode concurrent sessions in one forward per step (False: one forward per session and token)."""
         self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DecodeBatch] = weakref.WeakKeyDictionary()
+        self.prompts = PromptCache()
+        """Recent prompts' KV caches: a prompt seen again is not read again."""
 
     @classmethod
     def load(
@@ -229,6 +231,16 @@ class HFEngine:
             batch = self._batches[loop] = DecodeBatch(self._forward_rows, self._lock, int(pad))
         return batch
 
+    async def _read_prompt(self, prompt_ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
+        """The prompt's KV cache and last logits: from the prompt cache, or read (and then kept)."""
+        found = self.prompts.get(tuple(prompt_ids))
+        if found is not None:
+            return found
+        cache = DynamicCache()
+        logits, _ = await self._prefill(prompt_ids, cache)
+        self.prompts.put(tuple(prompt_ids), cache, logits)
+        return cache, logits
+
     def _seat(self, cache: DynamicCache, length: int) -> Seat | None:
         return self.decode_batch().join(cache, length) if self.batching and batchable(cache) else None
 
@@ -261,9 +273,8 @@ class HFEngine:
         decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
         sampler = _Sampler(request, self.device)
         eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
-        cache = DynamicCache()
         prompt_ids = self.encode(prompt_text)
-        logits, _ = await self._prefill(prompt_ids, cache)
+        cache, logits = await self._read_prompt(prompt_ids)
         forced: deque[int] = deque()
         pending = self._unless_stopped_thinking(sampler(logits), eos, tracker, forced)
         budget = request.max_reasoning_tokens

@@ -5,7 +5,7 @@ a halt or a disconnect ends only its own session."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import aclosing
 
 import numpy as np
@@ -120,3 +120,20 @@ async def test_a_cancelled_session_leaves_the_batch_and_the_others_finish(engine
     with pytest.raises(asyncio.CancelledError):
         await gone
     assert content(await run(engine, reqs[0])) == content(alone[0])  # the batch goes on serving
+
+
+async def test_a_prompt_seen_again_is_not_read_again_and_gives_the_same_steps(
+    engine: HFEngine, forward_count: Callable[[], int]
+) -> None:
+    request = requests(temperature=0.0)[1]
+    first = await run(engine, request)
+    read_once = forward_count()
+    again = await run(engine, request)
+    assert content(again) == content(first)
+    assert read_once == 1 + len(first) and forward_count() - read_once == len(first)  # no prompt forward
+
+
+async def test_a_session_that_joins_as_the_last_one_leaves_is_served(engine: HFEngine) -> None:
+    request = requests(temperature=0.0)[0]
+    for _ in range(30):  # back to back: each joins while the batch winds down the one before
+        assert len(await asyncio.wait_for(run(engine, request), 10)) == request.max_tokens

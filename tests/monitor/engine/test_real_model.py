@@ -16,6 +16,7 @@ from prometheus_client import CollectorRegistry
 
 from conftest import MODELS, ProbeFactory, counting_forwards
 from monitor.engine.base import EngineError
+from monitor.engine.batching import PromptCache
 from monitor.engine.hf import HFEngine
 from monitor.engine.models import MANIFEST, SMOLLM2, cache_is_complete, dequantised, known_file, resolve_model
 from monitor.observability import Metrics
@@ -101,6 +102,7 @@ def test_a_halt_on_the_real_model_stops_within_one_token(real_engine: HFEngine, 
     pipeline = Pipeline(
         real_engine, [spec], parse_policy({"name": "t", "rules": [rule]}, "t"), metrics=Metrics(CollectorRegistry())
     )
+    real_engine.prompts = PromptCache()  # the prompt is read, not remembered
     with counting_forwards(real_engine.model) as forwards:
         transcript = asyncio.run(pipeline.generate(greedy(200, ignore_eos=True)).run())
     assert transcript.outcome == "halted" and [f.index for f in transcript.flags] == [6]
