@@ -193,8 +193,11 @@ class HFEngine:
         the last position and the readouts of every position ([seq, n] or None). The lock is free
         between chunks, and a cancelled caller stops before the next one."""
         logits, parts = None, []
-        for start in range(0, len(input_ids), self.prefill_chunk):
-            logits, values = await asyncio.to_thread(self._forward, list(input_ids[start : start + self.prefill_chunk]), cache)
+        # Up to 4 chunks are read at once: splitting a short text costs more forwards than it saves waiting
+        # (calibration and eval texts are short; a stream waits at most one such forward).
+        chunk = len(input_ids) if len(input_ids) <= 4 * self.prefill_chunk else self.prefill_chunk
+        for start in range(0, len(input_ids), chunk):
+            logits, values = await asyncio.to_thread(self._forward, list(input_ids[start : start + chunk]), cache)
             if values is not None:
                 parts.append(values)
         assert logits is not None, "nothing to read"

@@ -15,6 +15,7 @@ import structlog
 
 from conftest import ProbeFactory
 from monitor.detector import DetectorContext, DetectorRegistry
+from monitor.engine.batching import PromptCache
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics, configure_logging
 from monitor.pipeline import Pipeline
@@ -98,6 +99,7 @@ async def test_halt_rule_stops_real_generation_within_one_token(
     trigger = scores.index(max(scores[5:30]), 5)  # first token reaching the bar, well inside the stream
     bar = scores[trigger]
     assert all(s < bar for s in scores[:trigger])
+    engine.prompts = PromptCache()  # the halted run reads its prompt again: counted below
     before = forward_count()
 
     halting = _policy([{**HALT_RULE, "when": {"detector": "p", "stat": "last", "gte": bar}}])
