@@ -57,6 +57,8 @@ clean:
 # IMAGE's default is the Helm chart's default image (image.repository, tag = appVersion).
 VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
 VARIANT ?= cpu
+# 1: the default probe pack trained into the image (~5 min on 2 cores); 0: on the first start instead.
+TRAIN_PROBES ?= 1
 IMAGE_REPOSITORY ?= ghcr.io/cotmon/cotmon
 IMAGE ?= $(IMAGE_REPOSITORY):$(VERSION)$(if $(filter cuda,$(VARIANT)),-cuda)
 BASE ?= $(if $(filter cuda,$(VARIANT)),docker.io/nvidia/cuda:12.8.1-base-ubuntu24.04,docker.io/library/python:3.11-slim-bookworm)
@@ -81,7 +83,7 @@ image:
 	    echo "make image: cannot pull the base image $(BASE) (no registry reachable from here?)." >&2; \
 	    echo "Build a base from Debian packages instead: make image-base && make image BASE=$(DEBIAN_BASE)" >&2; exit 1; }
 	$(PODMAN) build --format docker --network host --layers -f Containerfile -t $(IMAGE) \
-	    --build-arg BASE=$(BASE) --build-arg VARIANT=$(VARIANT) \
+	    --build-arg BASE=$(BASE) --build-arg VARIANT=$(VARIANT) --build-arg TRAIN_PROBES=$(TRAIN_PROBES) \
 	    --build-arg TORCH_VERSION=$(TORCH_VERSION) --build-arg SMOLLM2_VERSION=$(SMOLLM2_VERSION) \
 	    $(if $(TORCH_INDEX_URL),--build-arg TORCH_INDEX_URL=$(TORCH_INDEX_URL)) \
 	    $(if $(WHEELS),--volume $(abspath $(WHEELS)):/wheels:ro --build-arg PIP_FIND_LINKS=/wheels) \
