@@ -61,15 +61,16 @@ VARIANT ?= cpu
 TRAIN_PROBES ?= 1
 IMAGE_REPOSITORY ?= ghcr.io/cotmon/cotmon
 IMAGE ?= $(IMAGE_REPOSITORY):$(VERSION)$(if $(filter cuda,$(VARIANT)),-cuda)
-BASE ?= $(if $(filter cuda,$(VARIANT)),docker.io/nvidia/cuda:12.8.1-base-ubuntu24.04,docker.io/library/python:3.11-slim-bookworm)
+BASE ?= $(if $(filter cuda,$(VARIANT)),docker.io/nvidia/cuda:13.0.0-base-ubuntu24.04,docker.io/library/python:3.11-slim-bookworm)
 # A base built from Debian packages (image/debian-base.sh, debootstrap) where no registry is reachable.
 DEBIAN_BASE ?= localhost/cotmon-base:bookworm
 IMAGE_TEST_BASE ?= $(DEBIAN_BASE)
-# pip in the build uses this machine's pip setup where it has one: its CA bundle (PIP_CERT) and its
-# directory of wheels (PIP_FIND_LINKS, where the development machines keep torch's CPU build), both
-# mounted for the build only. With local wheels torch's own dependencies come from PyPI.
+# pip in the build uses this machine's pip setup where it has one: its CA bundle (PIP_CERT) and, for
+# the CPU variant, its directory of wheels (PIP_FIND_LINKS, where the development machines keep
+# torch's CPU build), both mounted for the build only. With local wheels torch's own dependencies
+# come from PyPI.
 PIP_CA ?= $(PIP_CERT)
-WHEELS ?= $(PIP_FIND_LINKS)
+WHEELS ?= $(if $(filter cpu,$(VARIANT)),$(PIP_FIND_LINKS))
 TORCH_INDEX_URL ?= $(if $(WHEELS),https://pypi.org/simple)
 # podman as the development machines need it (image/containers.conf says why); empty both to use yours.
 CONTAINERS_CONF ?= $(CURDIR)/image/containers.conf
