@@ -73,6 +73,12 @@ class Settings(BaseModel):
     seed: int = Field(0, description="Seed of the tiny model and of sampling.")
     policy: Path | None = Field(None, description="Policy YAML; the bundled policies/default.yaml when unset.")
     data_dir: Path = Field(Path(".cotmon"), description="Where transcripts and trained probes are written.")
+    prebuilt_dir: Path | None = Field(
+        None,
+        description="A read-only directory laid out like the data directory (models/, probes/) with caches built ahead "
+        "of time, e.g. the container image's /opt/cotmon: a dequantised model or default probe pack found there whole is "
+        "used as is; anything else is built under data_dir.",
+    )
     store_url: str | None = Field(
         None,
         description="Transcript store: a SQLAlchemy URL such as postgresql://user@host/db; "
@@ -156,9 +162,20 @@ class Settings(BaseModel):
 
     @property
     def probes_dir(self) -> Path:
+        """Where default probe packs are trained and cached."""
         return self.data_dir / "probes"
 
     @property
     def models_dir(self) -> Path:
         """Where GGUF models (smollm2) are cached dequantised."""
         return self.data_dir / "models"
+
+    @property
+    def prebuilt_probes(self) -> tuple[Path, ...]:
+        """Read-only probe pack caches looked in before probes_dir."""
+        return (self.prebuilt_dir / "probes",) if self.prebuilt_dir is not None else ()
+
+    @property
+    def prebuilt_models(self) -> tuple[Path, ...]:
+        """Read-only dequantised model caches looked in before models_dir."""
+        return (self.prebuilt_dir / "models",) if self.prebuilt_dir is not None else ()

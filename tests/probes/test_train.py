@@ -12,12 +12,12 @@ from sklearn.metrics import roc_auc_score
 
 from monitor.cli import main
 from monitor.engine.hf import HFEngine
-from monitor.server.serve import AUTO, build_pipeline
+from monitor.server.serve import AUTO, build_pipeline, resolve_probes
 from monitor.settings import Settings
 from policies import bundled_policy
 from probes.datasets import load_contrast
 from probes.linear import ProbeMetadata
-from probes.pack import default_pack, is_current
+from probes.pack import default_pack, is_current, pack_dir
 from probes.train import ActivationCache, calibrate, extract, fit, to_probe
 
 D = 32
@@ -180,6 +180,48 @@ def test_auto_pack_trains_once_then_serve_loads_it_from_the_cache(engine: HFEngi
     pipeline = build_pipeline(settings, bundled_policy("default"))
     assert sorted(s.name for s in pipeline.specs) == ["deception_probe", "harmful_probe"]
     assert {p.name: p.stat().st_mtime_ns for p in directory.iterdir()} == stamps  # nothing was retrained
+
+
+def write_current_pack(directory: Path) -> None:
+    """Artifacts `is_current` accepts (their contents are not read by the lookup)."""
+    directory.mkdir(parents=True)
+    current = {"calibration": {"unit": "session", "statistics": {}, "check": {"target_fpr": 0.05, "statistics": {}}}}
+    for name in ("deception_probe", "harmful_probe"):
+        (directory / f"{name}.json").write_text(json.dumps(current))
+        (directory / f"{name}.safetensors").write_bytes(b"")
+
+
+def test_a_current_prebuilt_pack_is_served_without_training(
+    engine: HFEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prebuilt = tmp_path / "image" / "probes"
+    write_current_pack(pack_dir(prebuilt, engine))
+    monkeypatch.setattr("probes.pack.train_pack", lambda *a, **k: pytest.fail("trained although a prebuilt pack is current"))
+    assert default_pack(engine, tmp_path / "data" / "probes", prebuilt=[prebuilt]) == pack_dir(prebuilt, engine)
+    assert not (tmp_path / "data").exists()
+    settings = Settings.load({"COTMON_PREBUILT_DIR": str(tmp_path / "image")}, model="tiny", data_dir=tmp_path / "data")
+    assert resolve_probes(settings, engine) == pack_dir(prebuilt, engine)
+
+
+def test_a_prebuilt_pack_that_is_not_whole_is_trained_under_the_data_dir(
+    engine: HFEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    prebuilt = tmp_path / "image" / "probes"
+    write_current_pack(pack_dir(prebuilt, engine))
+    (pack_dir(prebuilt, engine) / "harmful_probe.safetensors").unlink()
+    trained: list[Path] = []
+    monkeypatch.setattr("probes.pack.train_pack", lambda console, engine, directory, **k: trained.append(directory))
+    root = tmp_path / "data" / "probes"
+    assert default_pack(engine, root, prebuilt=[prebuilt]) == pack_dir(root, engine) == trained[0]
+
+
+def test_prepare_builds_nothing_a_prebuilt_dir_holds(engine: HFEngine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    write_current_pack(pack_dir(tmp_path / "image" / "probes", engine))
+    monkeypatch.setattr("probes.pack.train_pack", lambda *a, **k: pytest.fail("trained although a prebuilt pack is current"))
+    env = {"COTMON_DATA_DIR": str(tmp_path / "data"), "COTMON_PREBUILT_DIR": str(tmp_path / "image")}
+    result = CliRunner().invoke(main, ["prepare", "--model", "tiny"], env=env)
+    assert result.exit_code == 0, result.output
+    assert f"probes: {pack_dir(tmp_path / 'image' / 'probes', engine)}" in result.output
 
 
 def test_a_cached_pack_from_before_per_statistic_calibration_is_not_served(tmp_path: Path) -> None:

@@ -35,8 +35,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 app.kubernetes.io/part-of: cotmon
 {{- end }}
 
+{{- /* The tag `make image` gives: appVersion, and appVersion-cuda (VARIANT=cuda) for pods with GPUs. */ -}}
 {{- define "cotmon.imageTag" -}}
-{{- .Values.image.tag | default .Chart.AppVersion }}
+{{- .Values.image.tag | default (printf "%s%s" .Chart.AppVersion (ternary "-cuda" "" (gt (int .Values.gpu) 0))) }}
 {{- end }}
 
 {{- define "cotmon.serviceAccountName" -}}
