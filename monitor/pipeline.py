@@ -198,6 +198,8 @@ class Session:
         self._started = 0.0
         self._spool = next((sink for sink in self.sinks if isinstance(sink, JournalingSink)), None)
         self._journal: SessionJournal | None = None
+        # Whether retention keeps this session even unflagged: asked once (a hash), not every token.
+        self._kept_unflagged = self._spool is not None and self._spool.keeps_unflagged(self.session_id)
         self._journaled = (0, 0, 0, 0)  # steps, detections, evaluations, flags already in the journal
 
     def _emit(self, detections: Sequence[Detection]) -> None:
@@ -345,7 +347,7 @@ class Session:
             return
         try:
             if self._journal is None:
-                if not self._spool.keeps_live(self.session_id, bool(self.flags)):
+                if not (self.flags or self._kept_unflagged):
                     return
                 self._journal = self._spool.journal(self._transcript("running"))
             else:

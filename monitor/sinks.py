@@ -53,6 +53,8 @@ class JournalingSink(DurableSink, Protocol):
     no streamed token of a kept session; a checkpoint syncs the journal first.
     """
 
-    def keeps_live(self, session_id: str, flagged: bool) -> bool: ...
+    def keeps_unflagged(self, session_id: str) -> bool:
+        """Whether retention keeps the session even unflagged (asked once per session)."""
+        ...
 
     def journal(self, so_far: Transcript) -> SessionJournal: ...

@@ -52,17 +52,20 @@ def detection_to_dict(d: Detection) -> dict[str, Any]:
     return out
 
 
+def step_to_dict(s: TraceStep) -> dict[str, Any]:
+    """Plain data for one step, as it appears in `transcript_to_dict`'s `steps`."""
+    return {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)} | (
+        {"final": True} if s.final else {}
+    )
+
+
 def transcript_to_dict(t: Transcript) -> dict[str, Any]:
     """Plain data for a transcript (JSON-serialisable); `transcript_from_dict` reverses it exactly."""
     return {
         "session_id": t.session_id,
         "model": dataclasses.asdict(t.model),
         "messages": [m.to_dict() for m in t.messages],
-        "steps": [
-            {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)}
-            | ({"final": True} if s.final else {})
-            for s in t.steps
-        ],
+        "steps": [step_to_dict(s) for s in t.steps],
         "detections": [detection_to_dict(d) for d in t.detections],
         "flags": [f.to_dict() for f in t.flags],
         "outcome": t.outcome,

@@ -33,17 +33,17 @@ import sqlalchemy as sa
 import structlog
 from prometheus_client import Counter, Gauge
 
-from monitor.store.codec import TranscriptFormatError, detection_to_dict, transcript_from_dict, transcript_to_dict
+from monitor.store.codec import (
+    TranscriptFormatError,
+    detection_to_dict,
+    step_to_dict,
+    transcript_from_dict,
+    transcript_to_dict,
+)
 from monitor.store.store import StoreConflict, StoreError, TranscriptStore, sampled
 from monitor.types import Detection, Flag, Outcome, TraceStep, Transcript
 
 SUFFIX = ".jsonl"
-
-
-def step_dict(s: TraceStep) -> dict[str, Any]:
-    return {"index": s.index, "token_id": s.token_id, "text": s.text, "channel": s.channel, "readouts": dict(s.readouts)} | (
-        {"final": True} if s.final else {}
-    )
 
 
 class Journal:
@@ -65,7 +65,7 @@ class Journal:
         """Append what the session added since the last call (nothing is written when it is nothing)."""
         delta: dict[str, Any] = {}
         if steps:
-            delta["steps"] = [step_dict(s) for s in steps]
+            delta["steps"] = [step_to_dict(s) for s in steps]
         if detections:
             delta["detections"] = [detection_to_dict(d) for d in detections]
         if evaluations:
@@ -187,10 +187,11 @@ class SpooledStore:
 
     # -- what the pipeline calls (on the event loop: nothing here waits for the database) --------
 
-    def keeps_live(self, session_id: str, flagged: bool) -> bool:
-        """Whether a session in progress is journaled from now on (retention would keep it)."""
+    def keeps_unflagged(self, session_id: str) -> bool:
+        """Whether retention keeps this session even if it is never flagged (then it is journaled from
+        its first step; a flagged one always is)."""
         keep = self.store.keep
-        return flagged or keep == "all" or (keep == "sample" and sampled(session_id, self.store.sample_rate))
+        return keep == "all" or (keep == "sample" and sampled(session_id, self.store.sample_rate))
 
     def journal(self, so_far: Transcript) -> Journal:
         """Start the journal of a live session, holding everything it has so far."""
@@ -216,10 +217,6 @@ class SpooledStore:
         self._queue(transcript, final=True)
 
     # -- status ---------------------------------------------------------------------------------
-
-    def spooled(self) -> int:
-        """Sessions on local disk that the store does not have whole yet (live ones included)."""
-        return sum(1 for _ in self.directory.glob("*" + SUFFIX))
 
     def waiting(self) -> int:
         """Sessions queued for the store."""
