@@ -30,7 +30,8 @@ from overhead import realistic_engine  # bench/overhead.py: the script's own dir
 from rich.console import Console
 from rich.table import Table
 
-from monitor.engine.hf import HFEngine, resolve_dtype
+from monitor.engine.hf import HFEngine
+from monitor.engine.models import resolve_dtype
 from probes import train
 from probes.datasets import LabelledText, load_contrast
 

@@ -39,6 +39,8 @@ from probes.datasets import NO_PROMPT, LabelledText
 Aggregate = str
 """`mean` or `max` over an item's reasoning tokens, or a statistic's peak: `last`, `mean@N`, `ema@N`, `max@N`."""
 TARGET_FPRS = (0.01, 0.05)
+CONCURRENCY = 16
+"""Items teacher-forced at a time: the engine reads texts that wait together in shared forwards."""
 
 
 class EvaluationError(ValueError):
@@ -218,19 +220,24 @@ async def score_items(
     aggregate: Aggregate = "mean",
     progress: Callable[[int], None] | None = None,
     category: str | None = None,
+    concurrency: int = CONCURRENCY,
 ) -> list[ItemScore]:
-    """Teacher-force every item's text as reasoning after its messages and score it."""
-    scored = []
-    for i, item in enumerate(items):
-        messages = item.messages or NO_PROMPT
-        # The text is the CoT: inside the think block, opened by the prompt or by us.
-        opened = pipeline.engine.prompt_opens_reasoning(messages)
-        text = item.text if opened else f"{THINK_OPEN}\n{item.text}"
-        transcript = await pipeline.teacher_force(messages, text, session_id=f"eval-{i}").run()
-        scored.append(ItemScore(item.id, item.label, item_score(transcript, aggregate, category)))
+    """Teacher-force every item's text as reasoning after its messages and score it; up to
+    `concurrency` items at a time (their texts share the engine's forwards), scores in item order."""
+    slots = asyncio.Semaphore(concurrency)
+
+    async def score(i: int, item: LabelledText) -> ItemScore:
+        async with slots:
+            messages = item.messages or NO_PROMPT
+            # The text is the CoT: inside the think block, opened by the prompt or by us.
+            opened = pipeline.engine.prompt_opens_reasoning(messages)
+            text = item.text if opened else f"{THINK_OPEN}\n{item.text}"
+            transcript = await pipeline.teacher_force(messages, text, session_id=f"eval-{i}").run()
         if progress:
             progress(1)
-    return scored
+        return ItemScore(item.id, item.label, item_score(transcript, aggregate, category))
+
+    return list(await asyncio.gather(*(score(i, item) for i, item in enumerate(items))))
 
 
 def recall_at_fpr(fpr: Sequence[float], tpr: Sequence[float], target: float) -> float:

@@ -90,6 +90,11 @@ class DecodeBatch:
         self.rows_read = 0
         """Tokens read so far over all rows: rows_read / steps is the mean batch size."""
 
+    @property
+    def decoding(self) -> bool:
+        """Whether any session holds a seat."""
+        return any(not s.left for s in self._seats)
+
     def join(self, cache: DynamicCache, length: int) -> Seat:
         """A seat for a session whose prompt is in `cache` (`length` tokens, batch 1)."""
         seat = Seat(self, cache, length)

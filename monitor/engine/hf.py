@@ -21,7 +21,6 @@ import contextlib
 import inspect
 import threading
 import uuid
-import weakref
 from collections import deque
 from collections.abc import AsyncGenerator, Sequence
 from pathlib import Path
@@ -32,8 +31,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from monitor.engine.base import EngineError
 from monitor.engine.batching import DecodeBatch, PromptCache, Seat, batchable
-from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_model
+from monitor.engine.forcing import ForceBatch, IncrementalForcer, LoopLocal, TextBatch
+from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_device, resolve_dtype, resolve_model
 from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
+from monitor.engine.sampling import Sampler
 from monitor.engine.text import (
     THINK_CLOSE,
     THINK_OPEN,
@@ -41,34 +42,19 @@ from monitor.engine.text import (
     IncrementalDecoder,
     eos_ids,
     opens_reasoning,
-    partial_tag_length,
 )
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
+
+FORCE_BATCH_TOKENS = {"cpu": 4096, "accelerator": 16384}
+"""Padded tokens one forward may hold when several teacher-forced texts share it and nothing is
+decoding (`monitor.engine.forcing`)."""
 
 PREFILL_CHUNK = {"cpu": 128, "accelerator": 512}
 """Tokens per forward when reading a prompt or text, by device. Another stream waits for at most
 one chunk per token it generates: on 2 CPU cores a 128-token chunk of smollm2 takes 0.5-1.5 s
 (more deep into a long prompt); an accelerator reads 512 in milliseconds, and needs chunks that
 large to be busy. Smaller chunks cost the long prompt some speed (on CPU, 128: ~+50%)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
-    try:
-        value = getattr(torch, dtype)
-    except AttributeError:
-        value = None
-    if not isinstance(value, torch.dtype):
-        raise EngineError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
-    return value
 
 
 class HFEngine:
@@ -103,7 +89,8 @@ class HFEngine:
         self._cache_kwarg = cache_kwarg(model)
         self.batching = True
         """Decode concurrent sessions in one forward per step (False: one forward per session and token)."""
-        self._batches: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, DecodeBatch] = weakref.WeakKeyDictionary()
+        self._batches = LoopLocal(lambda: DecodeBatch(self._forward_rows, self._lock, self._pad_id))
+        self._forces = LoopLocal(lambda: ForceBatch(self._read_alone, self._read_together, self._force_budget))
         self.prompts = PromptCache()
         """Recent prompts' KV caches: a prompt seen again is not read again."""
 
@@ -190,7 +177,7 @@ class HFEngine:
     def encode(self, text: str) -> list[int]:
         return list(self.tokenizer.encode(text, add_special_tokens=False))
 
-    async def _prefill(self, input_ids: Sequence[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor | None]:
+    async def prefill(self, input_ids: Sequence[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """`_forward` of `input_ids` into `cache`, `prefill_chunk` tokens at a time: the logits of
         the last position and the readouts of every position ([seq, n] or None). The lock is free
         between chunks, and a cancelled caller stops before the next one."""
@@ -214,27 +201,50 @@ class HFEngine:
             readouts = self._hooks.collect()[0] if self._hooks is not None else None
             return out.logits[0, -1].float(), readouts
 
+    def _run_model(self, ids: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
+        """The model on `ids` [batch, seq] after `cache` (extended in place); logits of the last position."""
+        return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
+
     def _forward_rows(
         self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None, positions: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """One decode step for a batch (the caller holds the lock): logits [B, vocab], readouts [B, n].
         Without a mask it is `_forward`'s call exactly."""
         with torch.inference_mode():
-            kwargs: dict[str, Any] = {self._cache_kwarg: cache}
-            if mask is not None:
-                kwargs |= {"attention_mask": mask, "position_ids": positions}
-            out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **kwargs)
+            masked = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
+            out = self._run_model(ids, cache, **masked)
             readouts = self._hooks.collect()[:, -1] if self._hooks is not None else None
             return out.logits[:, -1].float(), readouts
 
     def decode_batch(self) -> DecodeBatch:
         """The batch of this event loop's decoding sessions."""
-        loop = asyncio.get_running_loop()
-        batch = self._batches.get(loop)
-        if batch is None:
-            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-            batch = self._batches[loop] = DecodeBatch(self._forward_rows, self._lock, int(pad))
-        return batch
+        return self._batches.get()
+
+    def force_batch(self) -> ForceBatch:
+        """This event loop's teacher-forced reads (several texts per forward)."""
+        return self._forces.get()
+
+    @property
+    def _pad_id(self) -> int:
+        return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
+
+    async def _read_alone(self, input_ids: list[int]) -> torch.Tensor | None:
+        return (await self.prefill(input_ids, DynamicCache()))[1]
+
+    def _read_together(self, prompts: list[list[int]], texts: list[list[int]]) -> list[torch.Tensor | None]:
+        """Several texts after their prompts in one forward (a worker thread): each text's readouts."""
+        batch = TextBatch.of(prompts, texts, self._pad_id, self.device)
+        with self._lock, torch.inference_mode():
+            batch.run(self._run_model)
+            values = self._hooks.collect() if self._hooks is not None else None
+        return list(batch.texts_of(values)) if values is not None else [None] * len(texts)
+
+    def _force_budget(self) -> int:
+        """Padded tokens a shared teacher-forcing forward may hold: `FORCE_BATCH_TOKENS`, or while
+        sessions decode, what one prefill may hold (a decode step waits for at most that)."""
+        if self._batches.get().decoding:
+            return 4 * self.prefill_chunk
+        return FORCE_BATCH_TOKENS["cpu" if self.device.type == "cpu" else "accelerator"]
 
     async def _read_prompt(self, prompt_ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
         """The prompt's KV cache and last logits: from the prompt cache, or read (and then kept)."""
@@ -242,7 +252,7 @@ class HFEngine:
         if found is not None:
             return found
         cache = DynamicCache()
-        logits, _ = await self._prefill(prompt_ids, cache)
+        logits, _ = await self.prefill(prompt_ids, cache)
         self.prompts.put(tuple(prompt_ids), cache, logits)
         return cache, logits
 
@@ -257,7 +267,7 @@ class HFEngine:
         logits, rows = await asyncio.to_thread(self._forward, [token], cache)
         return logits, _row(rows, 0)
 
-    def _step(
+    def make_step(
         self,
         session_id: str,
         index: int,
@@ -276,7 +286,7 @@ class HFEngine:
         session_id = request.session_id or uuid.uuid4().hex
         prompt_text = self.render_prompt(request.messages)
         decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
-        sampler = _Sampler(request, self.device)
+        sampler = Sampler(request, self.device)
         eos = frozenset() if request.ignore_eos else eos_ids(self.tokenizer, getattr(self.model, "generation_config", None))
         prompt_ids = self.encode(prompt_text)
         cache, logits = await self._read_prompt(prompt_ids)
@@ -292,7 +302,7 @@ class HFEngine:
                     return
                 token = pending
                 logits, values = await self._decode(seat, token, cache)
-                step = self._step(session_id, index, token, decoder, tracker, values, final=False)
+                step = self.make_step(session_id, index, token, decoder, tracker, values, final=False)
                 final = index + 1 >= request.max_tokens
                 if not final:
                     spent = budget is not None and tracker.channel == "reasoning" and tracker.reasoning_tokens >= budget
@@ -330,16 +340,20 @@ class HFEngine:
             return
         decoder, tracker = IncrementalDecoder(self.tokenizer), ChannelTracker(opens_reasoning(prompt_text))
         last = len(text_ids) - 1
-        if stepwise:  # the calls `stream` makes, so the arithmetic (and the readouts) are the same
-            cache = DynamicCache()
-            await self._prefill(prompt_ids, cache)
-            for index, token in enumerate(text_ids):
-                _, values = await asyncio.to_thread(self._forward, [token], cache)
-                yield self._step(session_id, index, token, decoder, tracker, _row(values, 0), index == last)
+        if stepwise:  # the calls `stream` makes (sharing its decode steps), so the arithmetic is the same
+            cache, _ = await self._read_prompt(prompt_ids)
+            seat = self._seat(cache, len(prompt_ids))
+            try:
+                for index, token in enumerate(text_ids):
+                    _, values = await self._decode(seat, token, cache)
+                    yield self.make_step(session_id, index, token, decoder, tracker, values, index == last)
+            finally:
+                if seat is not None:
+                    seat.leave()
             return
-        _, values = await self._prefill(prompt_ids + text_ids, DynamicCache())
+        read = await self.force_batch().read(prompt_ids, text_ids)
         for index, token in enumerate(text_ids):
-            yield self._step(session_id, index, token, decoder, tracker, _row(values, len(prompt_ids) + index), index == last)
+            yield self.make_step(session_id, index, token, decoder, tracker, _row(read, index), index == last)
 
     def capture_many(
         self, items: Sequence[tuple[Sequence[ChatMessage], str]], layers: Sequence[int]
@@ -353,33 +367,18 @@ class HFEngine:
         if not items:
             return []
         prompts = [self.encode(self.render_prompt(messages)) for messages, _ in items]
-        texts = [self.encode(text) for _, text in items]
-        shared = min(common_prefix(prompts), min(len(p) for p in prompts) - 1)
-        rests = [p[shared:] + t for p, t in zip(prompts, texts, strict=True)]
-        width = max(len(r) for r in rests)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        batch = torch.tensor([r + [pad] * (width - len(r)) for r in rests], device=self.device)
+        batch = TextBatch.of(prompts, [self.encode(text) for _, text in items], self._pad_id, self.device)
+
+        def forward(ids: torch.Tensor, cache: DynamicCache) -> None:
+            with contextlib.suppress(CaptureDone):
+                self._run_model(ids, cache)
+
         # Both forwards stop after the highest wanted layer (CaptureDone): nothing above it is needed,
         # not even in the prefix's KV cache, since the batch's forward stops there too.
         with ActivationCapture(self._layers, layers, stop=True) as cap, self._lock, torch.inference_mode():
-            cache = DynamicCache()
-            if shared:
-                with contextlib.suppress(CaptureDone):
-                    self.model(
-                        input_ids=torch.tensor([prompts[0][:shared]], device=self.device),
-                        use_cache=True,
-                        logits_to_keep=1,
-                        **{self._cache_kwarg: cache},
-                    )
-                cache.batch_repeat_interleave(len(items))
-            cap.activations.clear()
-            with contextlib.suppress(CaptureDone):
-                self.model(input_ids=batch, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache})
-        out = []
-        for row, (prompt, text) in enumerate(zip(prompts, texts, strict=True)):
-            start = len(prompt) - shared
-            out.append({layer: acts[row, start : start + len(text)] for layer, acts in cap.activations.items()})
-        return out
+            batch.run(forward)
+        per_layer = {layer: batch.texts_of(acts) for layer, acts in cap.activations.items()}
+        return [{layer: texts[i] for layer, texts in per_layer.items()} for i in range(len(items))]
 
     def forcer(self, messages: Sequence[ChatMessage], session_id: str) -> IncrementalForcer:
         """Teacher-forcing of a text that arrives in pieces (the upstream mode's reader)."""
@@ -393,15 +392,6 @@ class HFEngine:
         with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
             self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
         return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
-
-
-def common_prefix(sequences: Sequence[Sequence[int]]) -> int:
-    """Length of the longest prefix all `sequences` share."""
-    shortest = min(len(s) for s in sequences)
-    for i in range(shortest):
-        if any(s[i] != sequences[0][i] for s in sequences[1:]):
-            return i
-    return shortest
 
 
 def cache_kwarg(model: Any) -> str:
@@ -418,83 +408,3 @@ def _finalised(step: TraceStep, final: bool) -> TraceStep:
     if not final:
         return step
     return TraceStep(step.session_id, step.index, step.token_id, step.text, step.channel, step.readouts, True)
-
-
-class _Sampler:
-    """Greedy at temperature 0; otherwise temperature + nucleus sampling from a seeded generator."""
-
-    def __init__(self, request: GenerationRequest, device: torch.device):
-        self.temperature = request.temperature
-        self.top_p = request.top_p
-        self.generator = torch.Generator(device="cpu")
-        if request.seed is not None:
-            self.generator.manual_seed(request.seed % 2**64)  # any int; torch takes 64 bits
-        else:
-            self.generator.seed()
-
-    def __call__(self, logits: torch.Tensor) -> int:
-        if self.temperature <= 0:
-            return int(torch.argmax(logits))
-        # Shift by the max before dividing: a tiny temperature then tends to greedy instead of overflowing.
-        shifted = logits.detach().double().cpu()
-        probs = torch.softmax((shifted - shifted.max()) / self.temperature, dim=-1)
-        if self.top_p < 1.0:
-            sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < self.top_p
-            keep[0] = True  # the most likely token always stays, however small top_p is
-            probs = torch.zeros_like(probs).scatter(0, order[keep], sorted_probs[keep])
-        return int(torch.multinomial(probs, 1, generator=self.generator))
-
-
-class IncrementalForcer:
-    """Teacher-forces an assistant text that arrives piece by piece, with a KV cache.
-
-    Only text not yet covered by forwarded tokens is tokenised, and its last token is held
-    back (and any tail that may be the start of an added token such as `</think>`), since the
-    next piece may change how it tokenises; `finish()` forwards the rest. The
-    steps equal those of `teacher_force` on the whole text whenever the pieces tokenise as the
-    whole does (always for the tiny model's character-level tokens; for BPE, up to a token
-    boundary chosen differently now and then). The text itself is always exact.
-    """
-
-    def __init__(self, engine: HFEngine, messages: Sequence[ChatMessage], session_id: str):
-        self._engine = engine
-        self._session_id = session_id
-        prompt_text = engine.render_prompt(messages)
-        self._prompt_ids: list[int] | None = engine.encode(prompt_text)
-        self._cache = DynamicCache()
-        self._text = ""
-        self._covered = 0  # characters of _text already forwarded
-        self._decoder = IncrementalDecoder(engine.tokenizer)
-        self._tracker = ChannelTracker(opens_reasoning(prompt_text))
-        self._index = 0
-        self._tags = tuple(engine.tokenizer.get_added_vocab())  # `</think>` and friends: one token each
-
-    async def feed(self, text: str) -> list[TraceStep]:
-        """Append `text`; return the steps of the tokens that are now settled."""
-        self._text += text
-        return await self._advance(final=False)
-
-    async def finish(self) -> list[TraceStep]:
-        """Forward what is left; the last step returned is final."""
-        return await self._advance(final=True)
-
-    async def _advance(self, final: bool) -> list[TraceStep]:
-        engine = self._engine
-        if self._prompt_ids is not None:
-            await engine._prefill(self._prompt_ids, self._cache)
-            self._prompt_ids = None
-        end = len(self._text) if final else len(self._text) - partial_tag_length(self._text, self._tags)
-        encoded = engine.tokenizer(self._text[self._covered : end], add_special_tokens=False, return_offsets_mapping=True)
-        take = len(encoded["input_ids"]) - (0 if final else 1)
-        if take <= 0:
-            return []
-        new = list(encoded["input_ids"][:take])
-        self._covered += int(encoded["offset_mapping"][take - 1][1])
-        _, values = await engine._prefill(new, self._cache)
-        steps = []
-        for i, token in enumerate(new):
-            last = final and i == take - 1
-            steps.append(engine._step(self._session_id, self._index, token, self._decoder, self._tracker, _row(values, i), last))
-            self._index += 1
-        return steps

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from monitor.engine.base import EngineError
 
 MANIFEST = "cotmon-cache.json"
@@ -183,3 +185,23 @@ def _dequantise(gguf: Path, out: Path) -> None:
     model.generation_config = loaded.generation_config
     model.save_pretrained(str(out))
     tokenizer.save_pretrained(str(out))
+
+
+def resolve_device(device: str) -> torch.device:
+    """`auto`: cuda where there is one, else cpu; anything else as torch names it."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """`auto`: bfloat16 on cuda, float32 elsewhere; or a torch dtype by name."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    try:
+        value = getattr(torch, dtype)
+    except AttributeError:
+        value = None
+    if not isinstance(value, torch.dtype):
+        raise EngineError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
+    return value

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import csv
 import json
 import math
@@ -12,12 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
-from conftest import ProbeFactory
+from conftest import ProbeFactory, counting_forwards
 from monitor.cli import main
 from monitor.engine.hf import HFEngine
+from monitor.pipeline import Pipeline
+from monitor.server.serve import NO_RULES
 from monitor.types import ChatMessage, DetectorSpec
 from probes.datasets import NO_PROMPT, LabelledText
-from probes.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, summarise, threshold_for
+from probes.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, score_items, summarise, threshold_for
 from probes.linear import load_probe
 
 TEXTS = (
@@ -190,3 +193,16 @@ def test_an_unknown_detector_spec_is_an_error_listing_the_kinds(tmp_path: Path) 
     result = CliRunner().invoke(main, ["eval", "--model", "tiny", "--detector", "no_such_thing", "--dataset", str(dataset)])
     assert result.exit_code == 1
     assert "'no_such_thing'" in result.output and "linear_probe" in result.output and "Traceback" not in result.output
+
+
+def test_items_are_read_several_per_forward(engine: HFEngine, make_probe: ProbeFactory) -> None:
+    spec = DetectorSpec("linear_probe", "p", {"artifact": str(make_probe(layer=2))})
+    items = [LabelledText(str(i), NO_PROMPT, text, label, str(i)) for i, (text, label) in enumerate(TEXTS)]
+    with counting_forwards(engine.model) as forwards:
+        together = evaluate(engine, [spec], items, DatasetRef("mem"))
+    assert forwards() == 2  # the shared prompt once, then all six texts in one forward
+    with counting_forwards(engine.model) as forwards:
+        one_by_one = asyncio.run(score_items(Pipeline(engine, [spec], NO_RULES), items, concurrency=1))
+    assert forwards() == len(items)
+    for a, b in zip(together.items, one_by_one, strict=True):
+        assert a.scores["p"] == pytest.approx(b.scores["p"], abs=1e-6)
