@@ -162,7 +162,7 @@ async def run_round(client: AsyncOpenAI, cell: Cell, concurrency: int, per_clien
 
 
 async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
-    cells = {(c, mode): Cell() for c in CONCURRENCY for mode in MODES}
+    cells = {(c, mode): Cell() for c in args.concurrency for mode in MODES}
     async with (
         AsyncOpenAI(base_url=f"{urls['off']}/v1", api_key="unused", max_retries=0, timeout=600) as off,
         AsyncOpenAI(base_url=f"{urls['on']}/v1", api_key="unused", max_retries=0, timeout=600) as on,
@@ -170,7 +170,7 @@ async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[
         clients = {"off": off, "on": on}
         for client in clients.values():
             await one_request(client, args.tokens)  # warm-up
-        for concurrency in CONCURRENCY:
+        for concurrency in args.concurrency:
             for r in range(args.rounds):
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:  # ABBA: order effects cancel
                     cell = cells[concurrency, mode]
@@ -188,8 +188,16 @@ def main() -> None:
     parser.add_argument(
         "--no-batching", dest="batching", action="store_false", help="one forward per stream and token (no continuous batching)"
     )
+    parser.add_argument(
+        "--concurrency",
+        type=lambda v: tuple(int(c) for c in v.split(",")),
+        default=CONCURRENCY,
+        help="comma-separated client counts, 1 first (default 1,8,32)",
+    )
     parser.add_argument("--json", action="store_true", help="end with one line of JSON holding every cell")
     args = parser.parse_args()
+    if args.concurrency[0] != 1:
+        parser.error("--concurrency starts with 1 (the other counts are compared with it)")
     configure_logging(json=False, level="warning")  # no per-session log lines in either mode
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
@@ -206,7 +214,7 @@ def main() -> None:
     for col in columns:
         table.add_column(col, justify="right")
     rows = []
-    for concurrency in CONCURRENCY:
+    for concurrency in args.concurrency:
         for mode in MODES:
             cell = cells[concurrency, mode]
             rate = statistics.median(cell.rates)
@@ -215,7 +223,7 @@ def main() -> None:
             table.add_row(str(concurrency), mode, str(cell.requests), f"{rate:.1f}", f"{p50:.1f}", f"{p99:.1f}", ratio)
             row = {"concurrency": concurrency, "monitoring": mode, "requests": cell.requests, "tok_s": round(rate, 2)}
             rows.append(row | {"ttft_p50_ms": round(float(p50), 1), "ttft_p99_ms": round(float(p99), 1)})
-        if concurrency != CONCURRENCY[-1]:
+        if concurrency != args.concurrency[-1]:
             table.add_section()
     Console(width=130).print(table)
     ceiling = bandwidth / weight_bytes
@@ -226,7 +234,7 @@ def main() -> None:
         "once for every stream in a step, so many clients can pass it"
     )
     single = statistics.median(cells[1, "on"].rates)
-    for concurrency in CONCURRENCY[1:]:
+    for concurrency in args.concurrency[1:]:
         gain = statistics.median(cells[concurrency, "on"].rates) / single
         print(f"{concurrency} clients / 1 client, monitoring on: {gain:.2f}x")
     halted = sum(cell.halted for cell in cells.values())

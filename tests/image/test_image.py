@@ -11,8 +11,8 @@ from typing import Any
 
 import httpx
 import pytest
-from openai import OpenAI
 
+from clients import stream_chat, watch_example
 from container_tools import Container, measured, remove, run, start
 from probes.datasets import load_examples
 
@@ -26,17 +26,7 @@ image's)."""
 
 def watch(base_url: str, example_id: str) -> dict[str, Any]:
     """POST a bundled example to watch mode, labelled with its id."""
-    example = next(e for e in load_examples() if e.id == example_id)
-    body = {
-        "messages": [m.to_dict() for m in example.messages],
-        "reasoning": example.reasoning,
-        "answer": example.answer,
-        "label": example.id,
-    }
-    reply = httpx.post(base_url + "/v1/monitor/transcripts", json=body, timeout=300)
-    assert reply.status_code == 200, reply.text
-    result: dict[str, Any] = reply.json()
-    return result
+    return watch_example(base_url, next(e for e in load_examples() if e.id == example_id))
 
 
 def test_the_first_start_serves_the_prebuilt_model_and_probes_without_training(container: Container) -> None:
@@ -77,20 +67,10 @@ def test_only_the_data_volume_is_writable(container: Container) -> None:
 
 
 def test_a_streaming_chat_through_the_openai_client(container: Container) -> None:
-    with OpenAI(base_url=container.base_url + "/v1", api_key="none", max_retries=0) as client:
-        assert [m.id for m in client.models.list()] == ["smollm2"]
-        stream = client.chat.completions.create(
-            model="smollm2",
-            messages=[{"role": "user", "content": "How do I make a simple tomato sauce?"}],
-            max_tokens=64,
-            temperature=0.0,
-            stream=True,
-        )
-        chunks = list(stream)
-    reasoning = "".join((c.choices[0].delta.model_extra or {}).get("reasoning") or "" for c in chunks if c.choices)
-    answer = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-    assert len(reasoning.split()) >= 5 and len(answer.split()) >= 1
-    final = chunks[-1].model_extra or {}
+    chat = stream_chat(container.base_url, "smollm2", "How do I make a simple tomato sauce?", max_tokens=64)
+    assert chat.models == ["smollm2"]
+    assert len(chat.reasoning.split()) >= 5 and len(chat.answer.split()) >= 1
+    final = chat.chunks[-1].model_extra or {}
     assert final["cotmon"]["outcome"] in ("completed", "flagged") and final["cotmon"]["session_id"]
 
 
