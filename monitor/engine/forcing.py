@@ -80,6 +80,10 @@ class TextBatch:
         return [values[row, start : start + n] for row, (start, n) in enumerate(zip(self.starts, self.lengths, strict=True))]
 
 
+MAX_PADDING = 0.25
+"""Largest share of a shared forward's tokens that may be padding."""
+
+
 @dataclass(eq=False)
 class _Read:
     prompt: list[int]
@@ -149,13 +153,15 @@ class ForceBatch:
                     r.result.set_result(out)
 
     def _take(self) -> list[_Read]:
-        """The oldest read and as many of the next ones as fit the budget (padded to the longest)."""
+        """The oldest read and the waiting reads closest to it in length, as many as fit the budget
+        with at most `MAX_PADDING` of the forward spent on padding (padding is computed like text)."""
         budget, group = self.budget(), [self._queue.pop(0)]
-        while self._queue:
-            longest = max(r.tokens for r in [*group, self._queue[0]])
-            if longest * (len(group) + 1) > budget:
-                break
-            group.append(self._queue.pop(0))
+        for read in sorted(self._queue, key=lambda r: abs(r.tokens - group[0].tokens)):
+            longest = max(r.tokens for r in [*group, read])
+            padded = longest * (len(group) + 1)
+            if padded <= budget and sum(r.tokens for r in [*group, read]) >= (1 - MAX_PADDING) * padded:
+                group.append(read)
+                self._queue.remove(read)
         return group
 
 
@@ -213,7 +219,7 @@ class IncrementalForcer:
     async def _advance(self, final: bool) -> list[TraceStep]:
         engine = self._engine
         if self._prompt_ids is not None:
-            await engine.prefill(self._prompt_ids, self._cache)
+            await engine.read(self._prompt_ids, self._cache)
             self._prompt_ids = None
         end = len(self._text) if final else len(self._text) - partial_tag_length(self._text, self._tags)
         encoded = engine.tokenizer(self._text[self._covered : end], add_special_tokens=False, return_offsets_mapping=True)
@@ -222,7 +228,7 @@ class IncrementalForcer:
             return []
         new = list(encoded["input_ids"][:take])
         self._covered += int(encoded["offset_mapping"][take - 1][1])
-        _, values = await engine.prefill(new, self._cache)
+        values = await engine.read(new, self._cache)
         steps = []
         for i, token in enumerate(new):
             last = final and i == take - 1

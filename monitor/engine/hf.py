@@ -22,9 +22,9 @@ import inspect
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
@@ -45,6 +45,8 @@ from monitor.engine.text import (
 )
 from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
+
+R = TypeVar("R")
 
 FORCE_BATCH_TOKENS = {"cpu": 4096, "accelerator": 16384}
 """Padded tokens one forward may hold when several teacher-forced texts share it and nothing is
@@ -80,6 +82,8 @@ class HFEngine:
         self.device = next(model.parameters()).device
         self.prefill_chunk = prefill_chunk or PREFILL_CHUNK["cpu" if self.device.type == "cpu" else "accelerator"]
         """Tokens per forward when reading a prompt or text (see the module docstring)."""
+        self.force_batch_tokens = FORCE_BATCH_TOKENS["cpu" if self.device.type == "cpu" else "accelerator"]
+        """Padded tokens one forward may hold when several teacher-forced texts share it."""
         self._layers = decoder_layers(model)
         self._plan: ReadoutPlan | None = None
         self._hooks: ReadoutHooks | None = None
@@ -181,16 +185,22 @@ class HFEngine:
         """`_forward` of `input_ids` into `cache`, `prefill_chunk` tokens at a time: the logits of
         the last position and the readouts of every position ([seq, n] or None). The lock is free
         between chunks, and a cancelled caller stops before the next one."""
-        logits, parts = None, []
+        parts = await self._chunked(input_ids, lambda ids: self._forward(ids, cache))
+        return parts[-1][0], _joined([values for _, values in parts])
+
+    async def read(self, input_ids: Sequence[int], cache: DynamicCache) -> torch.Tensor | None:
+        """The readouts [seq, n] of every position of `input_ids` read into `cache`, chunked as
+        `prefill`, for a text that is only read (teacher-forcing): the layers above the highest
+        readout layer and the output head do not run, so `cache` is fit only for more `read`s."""
+        return _joined(await self._chunked(input_ids, lambda ids: self._forward_readouts(ids, cache)))
+
+    async def _chunked(self, input_ids: Sequence[int], forward: Callable[[list[int]], R]) -> list[R]:
         # Up to 4 chunks are read at once: splitting a short text costs more forwards than it saves waiting
         # (calibration and eval texts are short; a stream waits at most one such forward).
         chunk = len(input_ids) if len(input_ids) <= 4 * self.prefill_chunk else self.prefill_chunk
-        for start in range(0, len(input_ids), chunk):
-            logits, values = await asyncio.to_thread(self._forward, list(input_ids[start : start + chunk]), cache)
-            if values is not None:
-                parts.append(values)
-        assert logits is not None, "nothing to read"
-        return logits, torch.cat(parts) if parts else None
+        assert input_ids, "nothing to read"
+        starts = range(0, len(input_ids), chunk)
+        return [await asyncio.to_thread(forward, list(input_ids[start : start + chunk])) for start in starts]
 
     def _forward(self, input_ids: list[int], cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last position and readouts of every position ([seq, n] or None)."""
@@ -201,9 +211,34 @@ class HFEngine:
             readouts = self._hooks.collect()[0] if self._hooks is not None else None
             return out.logits[0, -1].float(), readouts
 
+    def _forward_readouts(self, input_ids: list[int], cache: DynamicCache) -> torch.Tensor | None:
+        """Readouts of every position ([seq, n] or None), the forward stopped after the highest
+        readout layer (the caller wants no logits)."""
+        with self._lock, torch.inference_mode():
+            with self._readouts_only():
+                self._run_model(torch.tensor([input_ids], device=self.device), cache)
+            return self._hooks.collect()[0] if self._hooks is not None else None
+
+    @contextlib.contextmanager
+    def _readouts_only(self) -> Iterator[None]:
+        """Forwards in the block stop once the readouts are computed (the caller holds the lock)."""
+        if self._hooks is None:
+            yield
+            return
+        self._hooks.stop = True
+        try:
+            with contextlib.suppress(CaptureDone):
+                yield
+        finally:
+            self._hooks.stop = False
+
     def _run_model(self, ids: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
         """The model on `ids` [batch, seq] after `cache` (extended in place); logits of the last position."""
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
+
+    def _run_readouts_only(self, ids: torch.Tensor, cache: DynamicCache) -> None:
+        with self._readouts_only():
+            self._run_model(ids, cache)
 
     def _forward_rows(
         self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None, positions: torch.Tensor | None
@@ -229,13 +264,13 @@ class HFEngine:
         return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
 
     async def _read_alone(self, input_ids: list[int]) -> torch.Tensor | None:
-        return (await self.prefill(input_ids, DynamicCache()))[1]
+        return await self.read(input_ids, DynamicCache())
 
     def _read_together(self, prompts: list[list[int]], texts: list[list[int]]) -> list[torch.Tensor | None]:
         """Several texts after their prompts in one forward (a worker thread): each text's readouts."""
         batch = TextBatch.of(prompts, texts, self._pad_id, self.device)
         with self._lock, torch.inference_mode():
-            batch.run(self._run_model)
+            batch.run(self._run_readouts_only)
             values = self._hooks.collect() if self._hooks is not None else None
         return list(batch.texts_of(values)) if values is not None else [None] * len(texts)
 
@@ -244,7 +279,7 @@ class HFEngine:
         sessions decode, what one prefill may hold (a decode step waits for at most that)."""
         if self._batches.get().decoding:
             return 4 * self.prefill_chunk
-        return FORCE_BATCH_TOKENS["cpu" if self.device.type == "cpu" else "accelerator"]
+        return self.force_batch_tokens
 
     async def _read_prompt(self, prompt_ids: list[int]) -> tuple[DynamicCache, torch.Tensor]:
         """The prompt's KV cache and last logits: from the prompt cache, or read (and then kept)."""
@@ -398,6 +433,12 @@ def cache_kwarg(model: Any) -> str:
     """The name under which `model.forward` takes its KV cache: `cache` from transformers 5.24
     (which deprecates `past_key_values`), `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _joined(parts: Sequence[torch.Tensor | None]) -> torch.Tensor | None:
+    """Chunks' readouts [seq, n] end to end (None without readouts)."""
+    present = [p for p in parts if p is not None]
+    return torch.cat(present) if present else None
 
 
 def _row(values: torch.Tensor | None, position: int) -> list[float] | None:

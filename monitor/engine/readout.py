@@ -170,13 +170,19 @@ class ReadoutHooks(_LayerHooks):
         super().__init__(layers)
         self._plan = plan
         self._values: list[torch.Tensor | None] = [None] * len(plan.layers)
+        self.stop = False
+        """Raise `CaptureDone` once the highest hooked layer ran: a forward that wants only the
+        readouts (teacher-forcing) skips the layers above it and the output head."""
 
     def _hooks(self) -> Iterable[tuple[int, HookFn]]:
         plan, values = self._plan, self._values
+        last = max(lr.layer for lr in plan.layers)
         for i, lr in enumerate(plan.layers):
 
-            def hook(module: nn.Module, args: Any, output: Any, i: int = i) -> None:
+            def hook(module: nn.Module, args: Any, output: Any, i: int = i, top: bool = lr.layer == last) -> None:
                 values[i] = plan.apply(_hidden_of(output), i)  # forwards run under inference_mode
+                if top and self.stop:
+                    raise CaptureDone
 
             yield lr.layer, hook
 

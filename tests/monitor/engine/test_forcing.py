@@ -15,6 +15,7 @@ from transformers import DynamicCache
 from conftest import counting_forwards
 from monitor.engine.forcing import TextBatch
 from monitor.engine.hf import HFEngine
+from monitor.engine.readout import decoder_layers
 from monitor.types import ChatMessage, GenerationRequest, Readout, TraceStep
 
 
@@ -27,9 +28,10 @@ def engine(engine: HFEngine) -> Iterator[HFEngine]:
 
 
 def texts() -> list[tuple[tuple[ChatMessage, ...], str]]:
-    """Six (prompt, text) pairs: two prompts, texts of different lengths."""
+    """Six (prompt, text) pairs: two prompts, texts of different lengths (within the padding a shared
+    forward allows)."""
     prompts = [(ChatMessage("user", "Did the tests pass?"),), (ChatMessage("user", "Summarise the report, please."),)]
-    return [(prompts[i % 2], "<think>\nThe tests " + "ran and mostly passed. " * (i + 1) + "</think>\nYes.") for i in range(6)]
+    return [(prompts[i % 2], "<think>\nThe tests " + "ran and mostly passed. " * (8 + i % 3) + "</think>\nYes.") for i in range(6)]
 
 
 async def force(engine: HFEngine, messages: tuple[ChatMessage, ...], text: str, *, delay: float = 0.0) -> list[TraceStep]:
@@ -62,21 +64,27 @@ async def test_texts_forced_together_share_forwards_and_get_their_own_steps(engi
 async def test_a_lone_text_is_bit_for_bit_the_plain_read(engine: HFEngine) -> None:
     messages, text = texts()[3]
     prompt, ids = engine.encode(engine.render_prompt(messages)), engine.encode(text)
-    _, values = await engine.prefill(prompt + ids, DynamicCache())
+    _, values = await engine.prefill(prompt + ids, DynamicCache())  # the forward generation makes, head included
     steps = await force(engine, messages, text)
     assert values is not None
     assert [list(s.readouts.values()) for s in steps] == values[len(prompt) :].tolist()
 
 
-async def test_a_text_over_the_budget_is_read_alone_in_chunks_while_others_share(engine: HFEngine) -> None:
-    long_messages, long_text = (ChatMessage("user", "Go on."),), "<think>\n" + "word " * 300
-    budget = 4 * engine.prefill_chunk
-    assert len(engine.encode(long_text)) > budget  # over what one shared forward may hold
-    alone = await force(engine, long_messages, long_text)
-    pairs = texts()
-    together = await asyncio.gather(force(engine, long_messages, long_text), *[force(engine, m, t) for m, t in pairs])
-    assert content(together[0]) == content(alone) and worst(alone, together[0]) <= 1e-4
-    assert all(len(steps) == len(engine.encode(t)) for steps, (_, t) in zip(together[1:], pairs, strict=True))
+async def test_reads_share_a_forward_only_within_the_budget_and_the_padding_allowed(engine: HFEngine) -> None:
+    long_messages, long_text = (ChatMessage("user", "Go on."),), "<think>\n" + "word " * 250
+    short_messages, short_text = (ChatMessage("user", "Go on."),), "<think>\nYes."
+    engine.force_batch_tokens = 1000
+    assert len(engine.encode(engine.render_prompt(long_messages) + long_text)) > 1000  # over what one shared forward may hold
+    pairs = [*texts()[:3], (long_messages, long_text), (short_messages, short_text)]
+    alone = [await force(engine, m, t) for m, t in pairs]
+    batch = engine.force_batch()
+    forwards_before, read_before = batch.forwards, batch.texts_read
+    together = await asyncio.gather(*[force(engine, m, t) for m, t in pairs])
+    for a, t in zip(alone, together, strict=True):
+        assert content(t) == content(a) and worst(a, t) <= 1e-4
+    # The long text goes alone (chunked), the short one too (padded to the others it would be mostly
+    # padding); the three of similar length share one forward.
+    assert (batch.forwards - forwards_before, batch.texts_read - read_before) == (1, 3)
 
 
 async def test_a_cancelled_read_leaves_the_others_theirs(engine: HFEngine) -> None:
@@ -122,3 +130,20 @@ def test_text_batch_lays_out_the_common_prompt_start_once() -> None:
     assert [v.tolist() for v in batch.texts_of(values)] == [[2, 3], [5]]
     same = TextBatch.of([[1, 2], [1, 2]], [[3], [4, 5]], pad=0, device=torch.device("cpu"))
     assert same.prefix == [1] and same.rows.tolist() == [[2, 3, 0], [2, 4, 5]]  # each row keeps a prompt token
+
+
+async def test_a_forced_read_runs_no_layer_above_the_highest_readout(engine: HFEngine) -> None:
+    """Teacher-forcing wants readouts, not logits: the layers above the highest readout layer (2 of
+    the tiny model's 4) never run, alone or in a shared forward, and the readouts are unchanged."""
+    layers = decoder_layers(engine.model)
+    ran = {i: 0 for i in range(len(layers))}
+    handles = [layer.register_forward_pre_hook(lambda *_, i=i: ran.__setitem__(i, ran[i] + 1)) for i, layer in enumerate(layers)]
+    try:
+        pairs = texts()
+        alone = await force(engine, *pairs[0])
+        together = await asyncio.gather(*[force(engine, m, t) for m, t in pairs])
+    finally:
+        for handle in handles:
+            handle.remove()
+    assert ran[0] == ran[2] > 0 and ran[3] == 0
+    assert worst(alone, together[0]) <= 1e-4
