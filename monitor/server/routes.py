@@ -1,26 +1,26 @@
-"""The HTTP routes: chat completions (SSE and not), watch mode, models, health and metrics."""
+"""The HTTP routes: chat completions (SSE and not), watch mode, models, health and metrics.
+
+`open_routes` need no key (probes and Prometheus call them); `create_app` puts `api` behind the key.
+"""
 
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator
-from contextlib import aclosing
+from contextlib import AsyncExitStack, aclosing
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
 from monitor.observability import get_logger
 from monitor.pipeline import Session, mean_scores
-from monitor.server import sessions, ui
-from monitor.server.app import ServerState
 from monitor.server.limits import TokenLimits, unless_disconnected
 from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
@@ -37,39 +37,24 @@ from monitor.server.protocol import (
     usage,
     whole_text,
 )
+from monitor.server.state import ServerState, server_state
 from monitor.server.stream import DeltaSplitter, split_steps
 from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512
 SESSION_HEADER = "X-Cotmon-Session"
 
-
-def state(request: Request) -> ServerState:
-    return request.app.state.cotmon  # type: ignore[no-any-return]
-
-
-def require_key(request: Request) -> None:
-    """Bearer API key check (constant-time compare) when a key is configured."""
-    key = state(request).settings.api_key
-    if key is None:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise APIError(401, "missing or invalid API key", type="authentication_error", code="invalid_api_key")
+open_routes = APIRouter()
+api = APIRouter()
 
 
-router = APIRouter()
-protected = APIRouter(dependencies=[Depends(require_key)])
-
-
-@router.get("/healthz")
+@open_routes.get("/healthz")
 async def healthz() -> dict[str, str]:
     """The process is up."""
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@open_routes.get("/readyz")
 async def readyz(request: Request) -> JSONResponse:
     """The model is loaded, the data directory is writable and the transcript store answers.
 
@@ -77,7 +62,7 @@ async def readyz(request: Request) -> JSONResponse:
     wait on local disk): the answer says `"store": "degraded"` and how many wait; without it, 503.
     """
     # Open to anyone (no key, no Host check): the reasons name no path or database; the log has the detail.
-    s = state(request)
+    s = server_state(request)
     try:
         s.settings.data_dir.mkdir(parents=True, exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=s.settings.data_dir):
@@ -101,20 +86,20 @@ async def readyz(request: Request) -> JSONResponse:
     return JSONResponse(body)
 
 
-@router.get("/metrics")
+@open_routes.get("/metrics")
 async def metrics(request: Request) -> Response:
-    return PlainTextResponse(generate_latest(state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return PlainTextResponse(generate_latest(server_state(request).metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@protected.get("/openapi.json", include_in_schema=False)
+@api.get("/openapi.json", include_in_schema=False)
 async def openapi_schema(request: Request) -> JSONResponse:
     """The OpenAPI schema of this API (for clients and fuzzers); needs the API key when one is set."""
     return JSONResponse(api_schema(request.app))
 
 
-@protected.get("/v1/models")
+@api.get("/v1/models")
 async def models(request: Request) -> dict[str, Any]:
-    s = state(request)
+    s = server_state(request)
     return {"object": "list", "data": [{"id": s.model_name, "object": "model", "created": 0, "owned_by": "cotmon"}]}
 
 
@@ -123,9 +108,9 @@ def _check_model(s: ServerState, model: str | None) -> None:
         raise APIError(404, f"model {model!r} does not exist (served: {s.model_name!r})", param="model", code="model_not_found")
 
 
-@protected.post("/v1/chat/completions", response_model=None)
+@api.post("/v1/chat/completions", response_model=None)
 async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
-    s = state(request)
+    s = server_state(request)
     _check_model(s, body.model)
     limit = s.settings.max_tokens_limit
     max_tokens = body.max_completion_tokens or body.max_tokens or min(DEFAULT_MAX_TOKENS, limit)
@@ -143,22 +128,16 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
         session_id=uuid.uuid4().hex,
     )
     prompt_tokens = await TokenLimits.of(s.settings, s.pipeline.engine).prompt(messages)
-    await s.admission.enter()
-    try:
+    async with AsyncExitStack() as slot:
+        await slot.enter_async_context(s.admission.slot())
         session = s.pipeline.generate(gen)
-    except BaseException:
-        s.admission.leave()
-        raise
-    headers = {SESSION_HEADER: session.session_id}
-    completion_id = f"chatcmpl-{session.session_id}"
-    if body.stream:
-        include_usage = bool(body.stream_options and body.stream_options.include_usage)
-        events = _sse(s, session, completion_id, max_tokens, prompt_tokens, include_usage)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
-    try:
+        headers = {SESSION_HEADER: session.session_id}
+        completion_id = f"chatcmpl-{session.session_id}"
+        if body.stream:  # the stream holds the slot until it ends
+            include_usage = bool(body.stream_options and body.stream_options.include_usage)
+            events = _sse(s, session, slot.pop_all(), completion_id, max_tokens, prompt_tokens, include_usage)
+            return StreamingResponse(events, media_type="text/event-stream", headers=headers)
         transcript = await unless_disconnected(request, session.run())
-    finally:
-        s.admission.leave()
     await _stored(s, transcript.session_id)
     text = split_steps(transcript.steps)
     return JSONResponse(completion(completion_id, s.model_name, transcript, text, max_tokens, prompt_tokens), headers=headers)
@@ -177,9 +156,16 @@ def _data(payload: dict[str, Any]) -> str:
 
 
 async def _sse(
-    s: ServerState, session: Session, completion_id: str, max_tokens: int, prompt_tokens: int, include_usage: bool
+    s: ServerState,
+    session: Session,
+    slot: AsyncExitStack,
+    completion_id: str,
+    max_tokens: int,
+    prompt_tokens: int,
+    include_usage: bool,
 ) -> AsyncIterator[str]:
-    """SSE chunks: role, then reasoning/content deltas, then a final chunk with the `cotmon` object."""
+    """SSE chunks: role, then reasoning/content deltas, then a final chunk with the `cotmon` object;
+    `slot` (the admission slot) is released when the stream ends."""
     created = int(time.time())
     splitter = DeltaSplitter()
     try:  # headers are sent already: a failure becomes an error event, never a dropped stream
@@ -208,7 +194,7 @@ async def _sse(
         yield _data(error_body(f"generation failed: {exc}", type="server_error"))
         yield "data: [DONE]\n\n"
     finally:
-        s.admission.leave()
+        await slot.aclose()
 
 
 def _delta(reasoning: str, content: str) -> dict[str, Any]:
@@ -220,10 +206,10 @@ def _delta(reasoning: str, content: str) -> dict[str, Any]:
     return delta
 
 
-@protected.post("/v1/monitor/transcripts")
+@api.post("/v1/monitor/transcripts")
 async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -> JSONResponse:
     """Watch mode: teacher-force a transcript produced elsewhere and return detections and flags."""
-    s = state(request)
+    s = server_state(request)
     _check_model(s, body.model)
     messages = chat_messages(body.messages)
     for field in ("completion", "reasoning", "answer"):
@@ -242,12 +228,9 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
     limits = TokenLimits.of(s.settings, s.pipeline.engine)
     given = "completion" if body.completion is not None else "reasoning"
     await limits.transcript(text, await limits.prompt(messages), given)
-    await s.admission.enter()
-    try:
+    async with s.admission.slot():
         session = s.pipeline.teacher_force(messages, text, label=body.label)
         transcript = await unless_disconnected(request, session.run())
-    finally:
-        s.admission.leave()
     await _stored(s, transcript.session_id)
     return JSONResponse(
         {
@@ -265,8 +248,3 @@ async def monitor_transcript(body: MonitorTranscriptRequest, request: Request) -
         },
         headers={SESSION_HEADER: transcript.session_id},
     )
-
-
-protected.include_router(sessions.router)
-router.include_router(protected)
-router.include_router(ui.router)  # the viewer: its own login (cookie or bearer key) and HTML errors

@@ -1,4 +1,7 @@
-"""Stored sessions over HTTP: list, fetch, replay (`/v1/sessions...`); the viewer uses the same calls."""
+"""Stored sessions over HTTP: list, fetch, replay (`/v1/sessions...`); the viewer uses the same calls.
+
+`create_app` puts `router` behind the API key.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from monitor.policy import Policy, PolicyError, parse_policy, read_policy_yaml
 from monitor.replay import ReplayResult, replay_full, replay_policy, stored_policy
-from monitor.server.app import ServerState
 from monitor.server.protocol import APIError
+from monitor.server.state import ServerState, server_state
 from monitor.store import QueryError, SessionQuery, TranscriptStore, parse_query, transcript_to_dict
 from monitor.types import Transcript
 
@@ -29,10 +32,6 @@ class ReplayRequest(BaseModel):
         description="full: teacher-force the stored tokens through this server's model and detectors; policy: the policy "
         "over the stored detections (no model); auto: full when this server runs the session's model and detectors.",
     )
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.cotmon  # type: ignore[no-any-return]
 
 
 def store_of(s: ServerState) -> TranscriptStore:
@@ -107,11 +106,8 @@ async def replay_session(s: ServerState, session_id: str, body: ReplayRequest) -
             raise APIError(400, str(exc), param="policy") from None
     if blocker:
         raise APIError(409, f"cannot replay in full here: {blocker}; use mode 'policy' or `cotmon replay`", param="mode")
-    await s.admission.enter()
-    try:
+    async with s.admission.slot():
         return await replay_full(s.pipeline, stored, policy=policy or stored_policy(stored))
-    finally:
-        s.admission.leave()
 
 
 router = APIRouter()
@@ -120,7 +116,7 @@ router = APIRouter()
 @router.get("/v1/sessions")
 async def list_sessions(request: Request, query: Annotated[SessionQuery, Depends(session_query)]) -> dict[str, Any]:
     """Stored sessions, newest first, with their flags; filters as query parameters."""
-    s = _state(request)
+    s = server_state(request)
     store = store_of(s)
     rows = await s.read_store(store.sessions, query)
     total = await s.read_store(store.count, SessionQuery(**{**query.__dict__, "limit": None, "offset": 0}))
@@ -130,11 +126,11 @@ async def list_sessions(request: Request, query: Annotated[SessionQuery, Depends
 @router.get("/v1/sessions/{session_id}")
 async def get_session(request: Request, session_id: str) -> dict[str, Any]:
     """One stored session, whole: messages, tokens with channels and readouts, detections, flags, specs, policy."""
-    return transcript_to_dict(await stored_session(_state(request), session_id))
+    return transcript_to_dict(await stored_session(server_state(request), session_id))
 
 
 @router.post("/v1/sessions/{session_id}/replay")
 async def replay(request: Request, session_id: str, body: ReplayRequest | None = None) -> dict[str, Any]:
     """Replay a stored session and diff its flags (see ReplayRequest.mode)."""
-    result = await replay_session(_state(request), session_id, body or ReplayRequest(policy=None, mode="auto"))
+    result = await replay_session(server_state(request), session_id, body or ReplayRequest(policy=None, mode="auto"))
     return result.to_dict()

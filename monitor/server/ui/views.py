@@ -2,6 +2,9 @@
 
 Server-rendered HTML with no JavaScript: filters and the detector choice are GET forms, replay
 and login are POST forms. The pages read the store through the same calls as `/v1/sessions`.
+
+`create_app` mounts the three routers under `/ui`, in this order: `public` (login, logout, runbook,
+stylesheets), `pages` (behind the login) and `fallback` (an HTML 404 for any other path).
 """
 
 from __future__ import annotations
@@ -13,11 +16,13 @@ from typing import Any
 from urllib.parse import quote, urlencode
 
 import yaml
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 
+from monitor.server.auth import key_matches
 from monitor.server.protocol import APIError
 from monitor.server.sessions import ReplayMode, ReplayRequest, replay_session, session_query, stored_session
+from monitor.server.state import server_state
 from monitor.server.ui import render
 from monitor.server.ui.web import (
     COOKIE,
@@ -27,11 +32,8 @@ from monitor.server.ui.web import (
     check_origin,
     error_page,
     form_fields,
-    key_matches,
     page,
-    require_login,
     safe_next,
-    state,
 )
 from monitor.store import SessionQuery
 from monitor.types import OUTCOMES, SEVERITIES, Transcript
@@ -40,8 +42,9 @@ FILTERS = ("flagged", "category", "rule", "severity", "outcome", "label", "since
 REPLAY_MODES: dict[str, ReplayMode] = {"auto": "auto", "full": "full", "policy": "policy"}
 STYLESHEETS: dict[str, Path] = {p.name: p for p in (HERE / "static").glob("*.css")}
 
-router = APIRouter(prefix="/ui", route_class=UIRoute, include_in_schema=False)
-pages = APIRouter(route_class=UIRoute, dependencies=[Depends(require_login)])
+public = APIRouter(route_class=UIRoute)
+pages = APIRouter(route_class=UIRoute)
+fallback = APIRouter(route_class=UIRoute)
 
 
 def _flagged(value: str) -> bool | None:
@@ -81,7 +84,7 @@ def list_query(params: dict[str, str]) -> SessionQuery:
 @pages.get("/", response_class=HTMLResponse)
 async def session_list(request: Request) -> HTMLResponse:
     """Stored sessions, newest first, filtered and paged."""
-    s = state(request)
+    s = server_state(request)
     params = {k: v for k, v in request.query_params.items() if k in (*FILTERS, "limit", "offset")}
     context: dict[str, Any] = {"params": params, "severities": SEVERITIES, "outcomes": OUTCOMES}
     context |= {"no_store": s.store is None, "error": None, "rows": [], "total": 0, "query": None, "newer": None, "older": None}
@@ -112,7 +115,7 @@ async def replay_link(request: Request, session_id: str) -> RedirectResponse:
 @pages.get("/sessions/{session_id:path}", response_class=HTMLResponse)
 async def session_page(request: Request, session_id: str) -> HTMLResponse:
     """One session: messages, the CoT and answer shaded by a detector's scores, flags, evidence, replay."""
-    t = await stored_session(state(request), session_id)
+    t = await stored_session(server_state(request), session_id)
     # A long session takes a while to lay out (~0.6 s for 25k tokens): off the event loop, which
     # meanwhile serves the API and the health checks.
     return await asyncio.to_thread(_session_page, request, t)
@@ -152,7 +155,7 @@ async def replay(request: Request, session_id: str) -> HTMLResponse:
         return page(request, "replay.html", 400, error=f"mode must be one of {', '.join(REPLAY_MODES)}", result=None, **context)
     body = ReplayRequest(policy=policy_text if policy_text.strip() else None, mode=REPLAY_MODES[mode])
     try:
-        result = await replay_session(state(request), session_id, body)
+        result = await replay_session(server_state(request), session_id, body)
     except APIError as err:
         return page(request, "replay.html", err.status, error=err.message, result=None, **context)
     return page(request, "replay.html", error=None, result=result, **context)
@@ -162,19 +165,19 @@ def _policy_yaml(policy: Any) -> str:
     return yaml.safe_dump(dict(policy), sort_keys=False, allow_unicode=True)
 
 
-@router.get("/login", response_class=HTMLResponse)
+@public.get("/login", response_class=HTMLResponse)
 async def login_form(request: Request) -> Response:
-    if state(request).settings.api_key is None:
+    if server_state(request).settings.api_key is None:
         return RedirectResponse(base_url(request) + "/", status_code=303)
     return page(request, "login.html", next=safe_next(request.query_params.get("next"), request), error=None)
 
 
-@router.post("/login", response_class=HTMLResponse)
+@public.post("/login", response_class=HTMLResponse)
 async def login(request: Request) -> Response:
     """Check the API key (constant time) and set the HttpOnly, SameSite=Strict login cookie: a new
     token per login. Too many failed logins from one address get a 429 for a while."""
     check_origin(request)
-    s = state(request)
+    s = server_state(request)
     key = s.settings.api_key
     fields = await form_fields(request)
     target = safe_next(fields.get("next"), request)
@@ -204,11 +207,11 @@ async def login(request: Request) -> Response:
     return response
 
 
-@router.post("/logout")
+@public.post("/logout")
 async def logout(request: Request) -> Response:
     """Forget the login: the cookie's token is refused from now on, even if it was copied."""
     check_origin(request)
-    s = state(request)
+    s = server_state(request)
     cookie = request.cookies.get(COOKIE)
     if cookie is not None and s.settings.api_key is not None:
         s.logins.revoke(cookie, s.settings.api_key)
@@ -217,14 +220,14 @@ async def logout(request: Request) -> Response:
     return response
 
 
-@router.get("/runbook", response_class=HTMLResponse)
+@public.get("/runbook", response_class=HTMLResponse)
 async def runbook(request: Request) -> HTMLResponse:
     """What each of the chart's alerts means and what to do: their runbook_url points here. Public
     (no login): it holds no transcript data, and on-call people reach it from a phone."""
     return page(request, "runbook.html")
 
 
-@router.get("/static/{name}")
+@public.get("/static/{name}")
 async def stylesheet(name: str) -> Response:
     """The viewer's CSS (a fixed set of files: no path from the request reaches the file system)."""
     found = STYLESHEETS.get(name)
@@ -233,10 +236,7 @@ async def stylesheet(name: str) -> Response:
     return Response(found.read_bytes(), media_type="text/css", headers={"Cache-Control": "public, max-age=3600"})
 
 
-router.include_router(pages)
-
-
-@router.get("/{rest:path}", response_class=HTMLResponse)
+@fallback.get("/{rest:path}", response_class=HTMLResponse)
 async def not_found(request: Request, rest: str) -> HTMLResponse:
     """Any other path under /ui/: an HTML 404 with the same headers, not the API's JSON."""
     return error_page(request, 404, f"there is no page at {request.url.path}")

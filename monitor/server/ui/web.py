@@ -7,7 +7,6 @@ script at all, only this app's stylesheet, and form posts to this origin.
 
 from __future__ import annotations
 
-import hmac
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any
@@ -18,8 +17,9 @@ from fastapi import Request, Response
 from fastapi.responses import HTMLResponse, RedirectResponse
 from fastapi.routing import APIRoute
 
-from monitor.server.app import STORE_FAILURES, ServerState, store_unavailable
+from monitor.server.auth import has_bearer_key
 from monitor.server.protocol import APIError
+from monitor.server.state import STORE_FAILURES, server_state, store_unavailable
 from monitor.server.ui import render
 
 HERE = Path(__file__).parent
@@ -53,32 +53,22 @@ class LoginRequired(Exception):
     """The request has neither the API key as a bearer header nor the login cookie."""
 
 
-def state(request: Request) -> ServerState:
-    return request.app.state.cotmon  # type: ignore[no-any-return]
-
-
 def base_url(request: Request) -> str:
     return str(request.scope.get("root_path", "")).rstrip("/") + "/ui"
 
 
-def key_matches(given: str, key: str) -> bool:
-    return hmac.compare_digest(given.encode(), key.encode())
-
-
 def authorised(request: Request) -> bool:
     """No key configured, or the key as a bearer header, or a valid login cookie."""
-    key = state(request).settings.api_key
-    if key is None:
-        return True
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() == "bearer" and key_matches(given.strip(), key):
+    s = server_state(request)
+    key = s.settings.api_key
+    if key is None or has_bearer_key(request, key):
         return True
     cookie = request.cookies.get(COOKIE)
-    return cookie is not None and state(request).logins.valid(cookie, key)
+    return cookie is not None and s.logins.valid(cookie, key)
 
 
 def require_login(request: Request) -> None:
-    """Dependency of every page but the login form and the stylesheet."""
+    """Dependency of every page but the login form, the runbook and the stylesheet."""
     if not authorised(request):
         raise LoginRequired
 
@@ -119,7 +109,7 @@ async def form_fields(request: Request) -> dict[str, str]:
 
 def page(request: Request, template: str, code: int = 200, **context: Any) -> HTMLResponse:
     """`template` rendered with `context` (autoescaped), answered with status `code`."""
-    s = state(request)
+    s = server_state(request)
     html = templates.get_template(template).render(
         base=base_url(request),
         can_logout=s.settings.api_key is not None and COOKIE in request.cookies,
