@@ -18,7 +18,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
 from monitor.observability import get_logger
-from monitor.pipeline import Session, mean_scores
 from monitor.server import sessions, ui
 from monitor.server.app import ServerState
 from monitor.server.limits import TokenLimits, unless_disconnected
@@ -38,6 +37,8 @@ from monitor.server.protocol import (
     whole_text,
 )
 from monitor.server.stream import DeltaSplitter, split_steps
+from monitor.session import Session
+from monitor.summary import mean_scores
 from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512
