@@ -46,7 +46,7 @@ from rich.table import Table
 from monitor.policy import Policy, PolicyEvaluator, backtest, load_policy
 from monitor.replay import backtest_store
 from monitor.store import SessionQuery, TranscriptStore
-from monitor.store.codec import DetectionColumns
+from monitor.store.columns import DetectionColumns
 from monitor.store.schema import metadata
 from monitor.types import Channel, ChatMessage, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep, Transcript
 from policies import bundled_policy
