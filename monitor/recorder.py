@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import Executor, Future, ThreadPoolExecutor, wait
 from typing import Any, Protocol
@@ -29,6 +30,9 @@ from monitor.types import Detection, Flag, Outcome, TraceStep, Transcript
 def shared_sink_threads() -> Executor:
     """The process's worker threads for sink writes (the production default of `Pipeline`)."""
     return ThreadPoolExecutor(thread_name_prefix="cotmon-sink")
+
+
+os.register_at_fork(after_in_child=shared_sink_threads.cache_clear)  # a forked child has none of the threads
 
 
 class SessionSoFar(Protocol):
