@@ -7,7 +7,7 @@ detection per token: sigmoid of a noisy random walk that stays low in most sessi
 high in some. The `cot_judge` closes a window every 64 reasoning tokens (and at `</think>`) and
 hands in one detection per category, with a rationale and a quote verbatim from the CoT, a few
 tokens late. Each session is played through the real `PolicyEvaluator` under the default policy
-as `monitor.pipeline.Session` does (late judge batches folded into the next token's evaluation,
+as `monitor.session.Session` does (late judge batches folded into the next token's evaluation,
 one more evaluation for batches after the last token; a halt ends the session there), which gives
 its stored `flags`, `evaluations` and outcome.
 
@@ -46,7 +46,7 @@ from rich.table import Table
 from monitor.policy import Policy, PolicyEvaluator, backtest, load_policy
 from monitor.replay import backtest_store
 from monitor.store import SessionQuery, TranscriptStore
-from monitor.store.codec import DetectionColumns
+from monitor.store.columns import DetectionColumns
 from monitor.store.schema import metadata
 from monitor.types import Channel, ChatMessage, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep, Transcript
 from policies import bundled_policy

@@ -23,7 +23,7 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import Policy, PolicyError, backtest, parse_policy
 from monitor.store import SessionQuery, TranscriptStore
-from monitor.store.codec import DetectionColumns, detection_columns
+from monitor.store.columns import DetectionColumns, detection_columns
 from monitor.types import Flag, Transcript
 
 Change = Literal["same", "moved", "new", "gone"]

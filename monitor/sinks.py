@@ -2,6 +2,10 @@
 
 A `Sink` receives every finished session; a `DurableSink` also commits a flagged session the moment
 a rule fires; a `JournalingSink` keeps a kept session on local disk as it streams.
+
+`write` and `checkpoint` are called on a worker thread, never on the event loop (`monitor.recorder`):
+a slow disk or database holds up its own session only. One session's calls come one at a time, in
+order; different sessions' calls may run at the same time.
 """
 
 from __future__ import annotations

@@ -9,9 +9,11 @@ from dataclasses import dataclass, replace
 
 import httpx
 
-from detectors.judge.client import CategoryVerdict, JudgeConfig, JudgeUnavailable, ask_judge, verify_quotes
+from detectors.judge.client import JudgeConfig, JudgeUnavailable, ask_judge
+from detectors.judge.quotes import verify_quotes
 from detectors.judge.state import JudgeState, Route
 from detectors.judge.triage import TriageModel
+from detectors.judge.verdicts import CategoryVerdict
 from monitor.observability import Metrics
 from monitor.types import Detection, Evidence
 

@@ -14,22 +14,16 @@ Every error names the file and the problem.
 
 from __future__ import annotations
 
-import json
 import math
 import re
-import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
 
+from detectors.sae.files import Tensors, read_json, read_npz, read_pickle, read_safetensors, take_encoder, take_tensor
 from detectors.sae.model import ARCHS, INPUT_NORMS, SAE, Arch, InputNorm, SAEError, SAEInfo
-
-Tensors = dict[str, torch.Tensor]
 
 
 class Overrides:
@@ -43,78 +37,6 @@ class Overrides:
         neuronpedia: str | None = None,
     ):
         self.layer, self.k, self.input_scale, self.neuronpedia = layer, k, input_scale, neuronpedia
-
-
-# -- reading files ---------------------------------------------------------------------------------
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise SAEError(f"{path}: file not found") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SAEError(f"{path}: not valid JSON ({exc})") from None
-    if not isinstance(data, dict):
-        raise SAEError(f"{path}: expected a JSON object")
-    return data
-
-
-def _safetensors(path: Path) -> Tensors:
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise SAEError(f"{path}: file not found") from None
-    except (SafetensorError, OSError, ValueError) as exc:
-        raise SAEError(f"{path}: not a readable safetensors file ({exc})") from None
-
-
-def _npz(path: Path) -> Tensors:
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            return {key: torch.from_numpy(np.asarray(data[key])) for key in data.files}
-    except FileNotFoundError:
-        raise SAEError(f"{path}: file not found") from None
-    except (ValueError, OSError, zipfile.BadZipFile) as exc:
-        raise SAEError(f"{path}: not a readable .npz file ({exc})") from None
-
-
-def _pickle(path: Path) -> Tensors:
-    """A torch checkpoint, loaded with weights_only=True: tensors and plain containers, never code."""
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except FileNotFoundError:
-        raise SAEError(f"{path}: file not found") from None
-    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, ... for files it refuses
-        raise SAEError(f"{path}: not a loadable weights-only torch checkpoint ({type(exc).__name__}: {exc})") from None
-    if isinstance(data, Mapping) and isinstance(data.get("state_dict"), Mapping):
-        data = data["state_dict"]
-    if not isinstance(data, Mapping):
-        raise SAEError(f"{path}: expected a state dict (a mapping of tensor names to tensors)")
-    return {str(k): v for k, v in data.items() if isinstance(v, torch.Tensor)}
-
-
-def _tensor(tensors: Tensors, name: str, shape: tuple[int, ...], path: Path) -> torch.Tensor:
-    if name not in tensors:
-        raise SAEError(f"{path}: missing tensor {name!r} (has: {', '.join(sorted(tensors)) or 'none'})")
-    t = tensors[name]
-    if tuple(t.shape) != shape:
-        raise SAEError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {shape}")
-    t = t.float()
-    if not torch.isfinite(t).all():
-        raise SAEError(f"{path}: tensor {name!r} has non-finite values")
-    return t
-
-
-def _encoder(tensors: Tensors, name: str, path: Path, transposed: bool) -> torch.Tensor:
-    """The encoder matrix as [d_in, d_sae]; `transposed` when the file stores [d_sae, d_in]."""
-    if name not in tensors:
-        raise SAEError(f"{path}: missing tensor {name!r} (has: {', '.join(sorted(tensors)) or 'none'})")
-    t = tensors[name]
-    if t.ndim != 2:
-        raise SAEError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected a matrix")
-    t = _tensor(tensors, name, tuple(t.shape), path)
-    return t.T.contiguous() if transposed else t
 
 
 # -- layers ----------------------------------------------------------------------------------------
@@ -162,7 +84,7 @@ def _layer_in_path(path: Path) -> int | None:
 
 def _load_saelens(folder: Path, ov: Overrides) -> SAE:
     cfg_path, weights_path = folder / "cfg.json", folder / "sae_weights.safetensors"
-    cfg = _json(cfg_path)
+    cfg = read_json(cfg_path)
     meta = cfg.get("metadata") if isinstance(cfg.get("metadata"), dict) else {}
     assert isinstance(meta, dict)
     flat = {**meta, **cfg}  # pre-6.0 configs are flat; v6 keeps hook and model under metadata
@@ -182,7 +104,7 @@ def _load_saelens(folder: Path, ov: Overrides) -> SAE:
         norm = "expected_average_only_in"
     elif norm in (False, None):
         norm = "none"
-    tensors = _safetensors(weights_path)
+    tensors = read_safetensors(weights_path)
     scale = 1.0
     input_norm: InputNorm = "none"
     if norm == "expected_average_only_in":
@@ -200,31 +122,31 @@ def _load_saelens(folder: Path, ov: Overrides) -> SAE:
             f"{cfg_path}: field 'normalize_activations' is {norm!r}; supported: none, expected_average_only_in, "
             "constant_norm_rescale, layer_norm"
         )
-    W_enc = _tensor(tensors, "W_enc", (d_in, d_sae), weights_path)
-    b_dec = _tensor(tensors, "b_dec", (d_in,), weights_path)
+    W_enc = take_tensor(tensors, "W_enc", (d_in, d_sae), weights_path)
+    b_dec = take_tensor(tensors, "b_dec", (d_in,), weights_path)
     threshold = r_mag = b_mag = None
     k = None
     if arch == "gated":
-        b_enc = _tensor(tensors, "b_gate", (d_sae,), weights_path)
-        r_mag = _tensor(tensors, "r_mag", (d_sae,), weights_path)
-        b_mag = _tensor(tensors, "b_mag", (d_sae,), weights_path)
+        b_enc = take_tensor(tensors, "b_gate", (d_sae,), weights_path)
+        r_mag = take_tensor(tensors, "r_mag", (d_sae,), weights_path)
+        b_mag = take_tensor(tensors, "b_mag", (d_sae,), weights_path)
     else:
-        b_enc = _tensor(tensors, "b_enc", (d_sae,), weights_path)
+        b_enc = take_tensor(tensors, "b_enc", (d_sae,), weights_path)
     if arch == "jumprelu":
         if "threshold" in tensors:
-            threshold = _tensor(tensors, "threshold", (d_sae,), weights_path)
+            threshold = take_tensor(tensors, "threshold", (d_sae,), weights_path)
         else:
-            threshold = torch.exp(_tensor(tensors, "log_threshold", (d_sae,), weights_path))
+            threshold = torch.exp(take_tensor(tensors, "log_threshold", (d_sae,), weights_path))
     if arch == "topk":
         kwargs = flat.get("activation_fn_kwargs") if isinstance(flat.get("activation_fn_kwargs"), dict) else {}
         assert isinstance(kwargs, dict)
         k = _k(ov.k if ov.k is not None else flat.get("k", kwargs.get("k", 100)), d_sae, cfg_path)
         if flat.get("rescale_acts_by_decoder_norm"):
             # Rank and report pre * ||W_dec_i||: fold the norms into the encoder (exact).
-            norms = _tensor(tensors, "W_dec", (d_sae, d_in), weights_path).norm(dim=-1)
+            norms = take_tensor(tensors, "W_dec", (d_sae, d_in), weights_path).norm(dim=-1)
             W_enc, b_enc = W_enc * norms, b_enc * norms
     if "scaling_factor" in tensors:
-        factor_t = _tensor(tensors, "scaling_factor", (d_sae,), weights_path)
+        factor_t = take_tensor(tensors, "scaling_factor", (d_sae,), weights_path)
         if not torch.all(factor_t == 1):
             raise SAEError(f"{weights_path}: a legacy 'scaling_factor' other than ones is not supported")
     hook = str(flat.get("hook_name", flat.get("hook_point", "")))
@@ -247,18 +169,18 @@ def _np_id(ov: Overrides, found: Any) -> str:
 
 def _jumprelu_params(tensors: Tensors, path: Path, lower: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     names = ("w_enc", "b_enc", "b_dec", "threshold") if lower else ("W_enc", "b_enc", "b_dec", "threshold")
-    W_enc = _encoder(tensors, names[0], path, transposed=False)
+    W_enc = take_encoder(tensors, names[0], path, transposed=False)
     d_in, d_sae = W_enc.shape
     return (
         W_enc,
-        _tensor(tensors, names[1], (d_sae,), path),
-        _tensor(tensors, names[2], (d_in,), path),
-        _tensor(tensors, names[3], (d_sae,), path),
+        take_tensor(tensors, names[1], (d_sae,), path),
+        take_tensor(tensors, names[2], (d_in,), path),
+        take_tensor(tensors, names[3], (d_sae,), path),
     )
 
 
 def _load_gemma_scope(file: Path, ov: Overrides) -> SAE:
-    tensors = _npz(file)
+    tensors = read_npz(file)
     W_enc, b_enc, b_dec, threshold = _jumprelu_params(tensors, file, lower=False)
     layer = _layer([_layer_in_path(file.parent)], ov, file)
     info = SAEInfo(str(file), "gemma_scope", layer, "", "", _np_id(ov, None))
@@ -267,10 +189,10 @@ def _load_gemma_scope(file: Path, ov: Overrides) -> SAE:
 
 def _load_gemma_scope_2(folder: Path, ov: Overrides) -> SAE:
     cfg_path, weights_path = folder / "config.json", folder / "params.safetensors"
-    cfg = _json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("architecture", "jump_relu") != "jump_relu":
         raise SAEError(f"{cfg_path}: field 'architecture' is {cfg.get('architecture')!r}; expected 'jump_relu'")
-    tensors = _safetensors(weights_path)
+    tensors = read_safetensors(weights_path)
     if "affine_skip_connection" in tensors:
         raise SAEError(f"{weights_path}: a transcoder (affine_skip_connection), not a residual-stream SAE")
     W_enc, b_enc, b_dec, threshold = _jumprelu_params(tensors, weights_path, lower=True)
@@ -282,19 +204,19 @@ def _load_gemma_scope_2(folder: Path, ov: Overrides) -> SAE:
 
 def _load_sparsify(folder: Path, ov: Overrides) -> SAE:
     cfg_path, weights_path = folder / "cfg.json", folder / "sae.safetensors"
-    cfg = _json(cfg_path)
+    cfg = read_json(cfg_path)
     if cfg.get("activation", "topk") != "topk":
         raise SAEError(f"{cfg_path}: field 'activation' is {cfg.get('activation')!r}; supported: topk")
     for key in ("transcode", "skip_connection"):
         if cfg.get(key):
             raise SAEError(f"{cfg_path}: field {key!r} is set; cotmon reads residual-stream SAEs, not transcoders")
-    tensors = _safetensors(weights_path)
-    W_enc = _encoder(tensors, "encoder.weight", weights_path, transposed=True)
+    tensors = read_safetensors(weights_path)
+    W_enc = take_encoder(tensors, "encoder.weight", weights_path, transposed=True)
     d_in, d_sae = W_enc.shape
     if isinstance(cfg.get("d_in"), int) and cfg["d_in"] != d_in:
         raise SAEError(f"{weights_path}: tensor 'encoder.weight' reads {d_in} inputs but {cfg_path.name} says d_in {cfg['d_in']}")
-    b_enc = _tensor(tensors, "encoder.bias", (d_sae,), weights_path)
-    b_dec = _tensor(tensors, "b_dec", (d_in,), weights_path)
+    b_enc = take_tensor(tensors, "encoder.bias", (d_sae,), weights_path)
+    b_dec = take_tensor(tensors, "b_dec", (d_in,), weights_path)
     k = _k(ov.k if ov.k is not None else cfg.get("k", 32), d_sae, cfg_path)
     layer = _layer([layer_of_hook(folder.name, cfg_path)], ov, cfg_path)
     info = SAEInfo(str(folder), "sparsify", layer, folder.name, "", _np_id(ov, None))
@@ -302,36 +224,36 @@ def _load_sparsify(folder: Path, ov: Overrides) -> SAE:
 
 
 def _load_goodfire(file: Path, ov: Overrides) -> SAE:
-    tensors = _pickle(file)
+    tensors = read_pickle(file)
     layer = _layer([_layer_in_path(file)], ov, file)
     info = SAEInfo(str(file), "goodfire", layer, f"blocks.{layer}.hook_resid_post", "", _np_id(ov, None))
     if "W" in tensors:  # DeepSeek-R1 SAEs: tied weights, BatchTopK, applied per token here
-        W = _encoder(tensors, "W", file, transposed=False)
+        W = take_encoder(tensors, "W", file, transposed=False)
         d_in, d_sae = W.shape
         if ov.k is None:
             raise SAEError(f"{file}: a tied TopK checkpoint does not record k; give it (args.k: 64 for logic, 128 for math)")
-        b_enc, b_dec = _tensor(tensors, "b_enc", (d_sae,), file), _tensor(tensors, "b_dec", (d_in,), file)
+        b_enc, b_dec = take_tensor(tensors, "b_enc", (d_sae,), file), take_tensor(tensors, "b_dec", (d_in,), file)
         return SAE(info, "topk", W, b_enc, b_dec, False, k=_k(ov.k, d_sae, file))
-    W_enc = _encoder(tensors, "encoder_linear.weight", file, transposed=True)
+    W_enc = take_encoder(tensors, "encoder_linear.weight", file, transposed=True)
     d_in, d_sae = W_enc.shape
-    b_enc = _tensor(tensors, "encoder_linear.bias", (d_sae,), file)
-    b_dec = _tensor(tensors, "decoder_linear.bias", (d_in,), file)
+    b_enc = take_tensor(tensors, "encoder_linear.bias", (d_sae,), file)
+    b_dec = take_tensor(tensors, "decoder_linear.bias", (d_in,), file)
     return SAE(info, "relu", W_enc, b_enc, b_dec, False)
 
 
 def _load_llama_scope_r1(folder: Path, ov: Overrides) -> SAE:
     cfg_path, weights_path = folder / "config.json", folder / "sae_weights.safetensors"
-    cfg = _json(cfg_path)
-    tensors = _safetensors(weights_path)
-    W_enc = _encoder(tensors, "encoder.weight", weights_path, transposed=True)
+    cfg = read_json(cfg_path)
+    tensors = read_safetensors(weights_path)
+    W_enc = take_encoder(tensors, "encoder.weight", weights_path, transposed=True)
     d_in, d_sae = W_enc.shape
     if isinstance(cfg.get("d_model"), int) and cfg["d_model"] != d_in:
         raise SAEError(
             f"{weights_path}: tensor 'encoder.weight' reads {d_in} inputs but {cfg_path.name} says d_model {cfg['d_model']}"
         )
-    b_enc = _tensor(tensors, "encoder.bias", (d_sae,), weights_path)
-    b_dec = _tensor(tensors, "decoder.bias", (d_in,), weights_path)
-    threshold = torch.exp(_tensor(tensors, "log_jumprelu_threshold", (d_sae,), weights_path))
+    b_enc = take_tensor(tensors, "encoder.bias", (d_sae,), weights_path)
+    b_dec = take_tensor(tensors, "decoder.bias", (d_in,), weights_path)
+    threshold = torch.exp(take_tensor(tensors, "log_jumprelu_threshold", (d_sae,), weights_path))
     scale = ov.input_scale
     norms = cfg.get("dataset_average_activation_norm")
     if scale is None and isinstance(norms, dict) and isinstance(norms.get("in"), int | float) and norms["in"] > 0:

@@ -28,7 +28,7 @@ Floats = npt.NDArray[np.float64]
 
 
 class ScoreColumns(Protocol):
-    """A session's detections as arrays (`monitor.store.codec.DetectionColumns` is one)."""
+    """A session's detections as arrays (`monitor.store.columns.DetectionColumns` is one)."""
 
     @property
     def detectors(self) -> list[str]: ...

@@ -20,7 +20,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from monitor.engine.text import compose_assistant_text
 from monitor.observability import get_logger
-from monitor.pipeline import Session, mean_scores
 from monitor.server.limits import TokenLimits, unless_disconnected
 from monitor.server.openapi import api_schema
 from monitor.server.protocol import (
@@ -39,6 +38,8 @@ from monitor.server.protocol import (
 )
 from monitor.server.state import ServerState, server_state
 from monitor.server.stream import DeltaSplitter, split_steps
+from monitor.session import Session
+from monitor.summary import mean_scores
 from monitor.types import GenerationRequest, max_scores
 
 DEFAULT_MAX_TOKENS = 512

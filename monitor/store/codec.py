@@ -1,22 +1,15 @@
-"""Transcripts as plain data (JSON export, the HTTP API) and as packed columns (the store's blobs).
+"""Transcripts as plain data: the JSON export, the HTTP API and the spool's journals.
 
 The JSON form is what `cotmon transcripts export` writes and `cotmon replay FILE` reads back;
-`transcript_from_dict` names the field that is wrong. The packed form keeps per-token data as
-numpy arrays behind a small JSON header, so thousands of stored sessions decode in a blink
-(`cotmon replay --all` reads only the detections).
+`transcript_from_dict` names the field that is wrong. The store keeps per-token data packed
+instead (`monitor.store.packed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import struct
-import zlib
 from collections.abc import Mapping, Sequence
-from typing import Any, cast
-
-import numpy as np
-import numpy.typing as npt
+from typing import Any
 
 from monitor.types import (
     ACTIONS,
@@ -34,22 +27,22 @@ from monitor.types import (
     Transcript,
 )
 
-MAGIC = b"CTM1"
-
 
 class TranscriptFormatError(ValueError):
     """A transcript file or record that cannot be read; the message names the field."""
-
-
-# -- plain data -----------------------------------------------------------------------------------
 
 
 def detection_to_dict(d: Detection) -> dict[str, Any]:
     """Plain data for a detection; `evidence` only when it has some."""
     out: dict[str, Any] = {"detector": d.detector, "category": d.category, "score": d.score, "start": d.start, "end": d.end}
     if d.evidence:
-        out["evidence"] = [_evidence_dict(e) for e in d.evidence]
+        out["evidence"] = [evidence_to_dict(e) for e in d.evidence]
     return out
+
+
+def evidence_to_dict(e: Evidence) -> dict[str, Any]:
+    """Plain data for one piece of evidence."""
+    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
 
 
 def step_to_dict(s: TraceStep) -> dict[str, Any]:
@@ -202,173 +195,3 @@ def _thresholds(data: Mapping[str, Any], where: str) -> dict[str, float | None]:
         if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
             raise TranscriptFormatError(f"{where}.{name}: expected a number or null")
     return {name: None if value is None else float(value) for name, value in data.items()}
-
-
-# -- packed columns -------------------------------------------------------------------------------
-
-
-def pack(arrays: Mapping[str, npt.NDArray[Any]], meta: Mapping[str, Any] | None = None) -> bytes:
-    """Arrays plus JSON metadata in one compressed blob (see `unpack`)."""
-    layout, chunks, offset = [], [], 0
-    for name, array in arrays.items():
-        data = np.ascontiguousarray(array).reshape(np.shape(array))  # keeps 0-d arrays 0-d
-        layout.append([name, data.dtype.str, list(data.shape), offset])
-        chunks.append(data.tobytes())
-        offset += data.nbytes
-    header = json.dumps({"arrays": layout, "meta": dict(meta or {})}, separators=(",", ":")).encode()
-    return zlib.compress(MAGIC + struct.pack("<I", len(header)) + header + b"".join(chunks), 1)
-
-
-def unpack(blob: bytes) -> tuple[dict[str, npt.NDArray[Any]], dict[str, Any]]:
-    """The arrays and metadata `pack` stored."""
-    raw = zlib.decompress(blob)
-    if raw[:4] != MAGIC:
-        raise TranscriptFormatError("stored blob: unknown format (no CTM1 header)")
-    (size,) = struct.unpack_from("<I", raw, 4)
-    header = json.loads(raw[8 : 8 + size])
-    body = memoryview(raw)[8 + size :]
-    arrays = {}
-    for name, dtype, shape, offset in header["arrays"]:
-        dt = np.dtype(dtype)
-        count = int(np.prod(shape)) if shape else 1
-        arrays[name] = np.frombuffer(body, dtype=dt, count=count, offset=offset).reshape(shape)
-    return arrays, header["meta"]
-
-
-def _exact_floats(values: npt.NDArray[np.float64]) -> npt.NDArray[Any]:
-    """float32 when that loses nothing (readouts come off the device as float32), else float64."""
-    with np.errstate(over="ignore"):  # values beyond float32's range simply stay float64
-        narrow = values.astype(np.float32)
-    return narrow if np.array_equal(narrow.astype(np.float64), values, equal_nan=True) else values
-
-
-def pack_steps(steps: Sequence[TraceStep]) -> bytes:
-    """Token ids, channels and texts."""
-    return pack(
-        {
-            "token_id": np.fromiter((s.token_id for s in steps), np.int64, len(steps)),
-            "channel": np.fromiter((CHANNELS.index(s.channel) for s in steps), np.uint8, len(steps)),
-            "index": np.fromiter((s.index for s in steps), np.int64, len(steps)),
-            "final": np.fromiter((s.final for s in steps), np.bool_, len(steps)),
-        },
-        {"text": [s.text for s in steps]},
-    )
-
-
-def pack_readouts(steps: Sequence[TraceStep]) -> bytes:
-    """Per-token readouts as one [tokens, names] matrix (per-token maps when the names vary)."""
-    names = list(steps[0].readouts) if steps else []
-    if all(list(s.readouts) == names for s in steps):
-        matrix = np.array([list(s.readouts.values()) for s in steps], dtype=np.float64).reshape(len(steps), len(names))
-        return pack({"values": _exact_floats(matrix)}, {"names": names})
-    return pack({}, {"per_step": [dict(s.readouts) for s in steps]})
-
-
-def unpack_steps(session_id: str, steps_blob: bytes, readouts_blob: bytes) -> tuple[TraceStep, ...]:
-    arrays, meta = unpack(steps_blob)
-    values, rmeta = unpack(readouts_blob)
-    n = len(meta["text"])
-    if "per_step" in rmeta:
-        readouts: list[dict[str, float]] = rmeta["per_step"]
-    else:
-        names, matrix = rmeta["names"], values["values"].astype(np.float64).tolist()
-        readouts = [dict(zip(names, row, strict=True)) for row in matrix]
-    ids, channels, index = arrays["token_id"].tolist(), arrays["channel"].tolist(), arrays["index"].tolist()
-    final = arrays["final"].tolist()
-    return tuple(
-        TraceStep(session_id, index[i], ids[i], meta["text"][i], cast(Any, CHANNELS[channels[i]]), readouts[i], final[i])
-        for i in range(n)
-    )
-
-
-def _evidence_dict(e: Evidence) -> dict[str, Any]:
-    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
-
-
-@dataclasses.dataclass(frozen=True)
-class DetectionColumns:
-    """A stored session's detections as arrays: what a policy-only replay reads."""
-
-    detectors: list[str]
-    categories: list[str]
-    detector: npt.NDArray[np.int32]
-    category: npt.NDArray[np.int32]
-    score: npt.NDArray[np.float64]
-    start: npt.NDArray[np.int64]
-    end: npt.NDArray[np.int64]
-    evaluations: npt.NDArray[np.int64]
-    """[calls, 2]: token index, detections seen after the call."""
-    evidence: npt.NDArray[np.int32]
-    """Per detection: index into the distinct evidence tuples, -1 for none."""
-    evidence_json: bytes
-    """The distinct evidence tuples, as JSON (parsed only by `detections()`)."""
-
-    def detections(self) -> tuple[Detection, ...]:
-        groups = [
-            tuple(Evidence(e["label"], e["detail"], tuple(e["quotes"])) for e in group)
-            for group in json.loads(self.evidence_json)
-        ]
-        det, cat, ev = self.detector.tolist(), self.category.tolist(), self.evidence.tolist()
-        score, start, end = self.score.tolist(), self.start.tolist(), self.end.tolist()
-        return tuple(
-            Detection(
-                self.detectors[det[i]], self.categories[cat[i]], score[i], start[i], end[i], groups[ev[i]] if ev[i] >= 0 else ()
-            )
-            for i in range(len(det))
-        )
-
-
-def detection_columns(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> DetectionColumns:
-    """Detections as columns (names, categories and evidence as small integer codes) plus the
-    evaluation steps. Each distinct evidence tuple is kept once (a probe attaches the same one to
-    every token), as JSON bytes that only `DetectionColumns.detections()` parses."""
-    names: dict[str, int] = {}
-    categories: dict[str, int] = {}
-    evidence: dict[tuple[Evidence, ...], int] = {}
-    n = len(detections)
-    return DetectionColumns(
-        detector=np.fromiter((names.setdefault(d.detector, len(names)) for d in detections), np.int32, n),
-        category=np.fromiter((categories.setdefault(d.category, len(categories)) for d in detections), np.int32, n),
-        score=np.fromiter((d.score for d in detections), np.float64, n),
-        start=np.fromiter((d.start for d in detections), np.int64, n),
-        end=np.fromiter((d.end for d in detections), np.int64, n),
-        evaluations=np.array(list(evaluations), dtype=np.int64).reshape(len(evaluations), 2),
-        evidence=np.fromiter(
-            (evidence.setdefault(d.evidence, len(evidence)) if d.evidence else -1 for d in detections), np.int32, n
-        ),
-        evidence_json=json.dumps([[_evidence_dict(e) for e in group] for group in evidence], separators=(",", ":")).encode(),
-        detectors=list(names),
-        categories=list(categories),
-    )
-
-
-def pack_detections(detections: Sequence[Detection], evaluations: Sequence[tuple[int, int]]) -> bytes:
-    """`detection_columns` as a blob (see `unpack_detections`)."""
-    c = detection_columns(detections, evaluations)
-    arrays: dict[str, npt.NDArray[Any]] = {
-        "detector": c.detector,
-        "category": c.category,
-        "score": c.score,
-        "start": c.start,
-        "end": c.end,
-        "evidence": c.evidence,
-        "evidence_json": np.frombuffer(c.evidence_json, dtype=np.uint8),
-        "evaluations": c.evaluations,
-    }
-    return pack(arrays, {"detectors": c.detectors, "categories": c.categories})
-
-
-def unpack_detections(blob: bytes) -> DetectionColumns:
-    arrays, meta = unpack(blob)
-    return DetectionColumns(
-        meta["detectors"],
-        meta["categories"],
-        arrays["detector"],
-        arrays["category"],
-        arrays["score"],
-        arrays["start"],
-        arrays["end"],
-        arrays["evaluations"],
-        arrays["evidence"],
-        arrays["evidence_json"].tobytes(),
-    )

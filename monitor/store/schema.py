@@ -2,7 +2,7 @@
 
 `sessions` holds one row per session with what lists and filters need; `flags` one row per
 fired rule (filters by rule and category); `session_data` the per-token payload as packed blobs
-(`monitor.store.codec`), read only when a whole transcript (or, for a policy-only replay, its
+(`monitor.store.packed`), read only when a whole transcript (or, for a policy-only replay, its
 detections) is wanted.
 """
 

@@ -47,7 +47,7 @@ SUFFIX = ".jsonl"
 
 
 class Journal:
-    """One live session's journal file (see the module docstring); written from one thread."""
+    """One live session's journal file (see the module docstring); written by one caller at a time."""
 
     def __init__(self, path: Path, so_far: Transcript):
         self.path = path
@@ -185,7 +185,7 @@ class SpooledStore:
         """Why the last write failed, while the store keeps failing; None once a write succeeds."""
         self._thread: threading.Thread | None = None
 
-    # -- what the pipeline calls (on the event loop: nothing here waits for the database) --------
+    # -- what the pipeline calls (on the event loop or a sink thread: nothing here waits for the database)
 
     def keeps_unflagged(self, session_id: str) -> bool:
         """Whether retention keeps this session even if it is never flagged (then it is journaled from

@@ -20,7 +20,8 @@ from typing import Any, Literal
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from monitor.store import codec
+from monitor.store import packed
+from monitor.store.columns import DetectionColumns
 from monitor.store.query import EVERYTHING, FIRST_PAGE, SessionQuery, SessionSummary, where_clauses
 from monitor.store.schema import flags, metadata, session_data, sessions
 from monitor.types import SEVERITIES, ChatMessage, DetectorSpec, Flag, ModelInfo, Severity, Transcript, max_scores
@@ -136,9 +137,9 @@ class TranscriptStore:
         row = _session_row(t, self.clock())
         data = {
             "session_id": t.session_id,
-            "steps": codec.pack_steps(t.steps),
-            "readouts": codec.pack_readouts(t.steps),
-            "detections": codec.pack_detections(t.detections, t.evaluations),
+            "steps": packed.pack_steps(t.steps),
+            "readouts": packed.pack_readouts(t.steps),
+            "detections": packed.pack_detections(t.detections, t.evaluations),
         }
         flag_rows = [
             {
@@ -220,7 +221,7 @@ class TranscriptStore:
                 return
             offset += len(page)
 
-    def detection_columns(self, query: SessionQuery = EVERYTHING) -> Iterator[tuple[SessionSummary, codec.DetectionColumns]]:
+    def detection_columns(self, query: SessionQuery = EVERYTHING) -> Iterator[tuple[SessionSummary, DetectionColumns]]:
         """Each matching session's summary and packed detections (no tokens, no readouts)."""
         joined = sa.select(*SUMMARY_COLUMNS, session_data.c.detections).join(
             session_data, session_data.c.session_id == sessions.c.session_id
@@ -232,7 +233,7 @@ class TranscriptStore:
                 values = dict(row)
                 blob = values.pop("detections")
                 summary = SessionSummary(**values, flags=all_flags.get(values["session_id"], ()))
-                yield summary, codec.unpack_detections(blob)
+                yield summary, packed.unpack_detections(blob)
 
 
 SUMMARY_COLUMNS = [sessions.c[name] for name in SessionSummary.__dataclass_fields__ if name != "flags"]
@@ -369,12 +370,12 @@ def _label(value: object) -> str | None:
 
 
 def _transcript(row: Any, data: Any, found: tuple[Flag, ...]) -> Transcript:
-    columns = codec.unpack_detections(data["detections"])
+    columns = packed.unpack_detections(data["detections"])
     return Transcript(
         session_id=row["session_id"],
         model=ModelInfo(**row["model"]),
         messages=tuple(ChatMessage(m["role"], m["content"]) for m in row["messages"]),
-        steps=codec.unpack_steps(row["session_id"], data["steps"], data["readouts"]),
+        steps=packed.unpack_steps(row["session_id"], data["steps"], data["readouts"]),
         detections=columns.detections(),
         flags=found,
         outcome=row["outcome"],

@@ -31,7 +31,8 @@ def texts() -> list[tuple[tuple[ChatMessage, ...], str]]:
     """Six (prompt, text) pairs: two prompts, texts of different lengths (within the padding a shared
     forward allows)."""
     prompts = [(ChatMessage("user", "Did the tests pass?"),), (ChatMessage("user", "Summarise the report, please."),)]
-    return [(prompts[i % 2], "<think>\nThe tests " + "ran and mostly passed. " * (8 + i % 3) + "</think>\nYes.") for i in range(6)]
+    said = ["<think>\nThe tests " + "ran and mostly passed. " * (8 + i % 3) + "</think>\nYes." for i in range(6)]
+    return [(prompts[i % 2], text) for i, text in enumerate(said)]
 
 
 async def force(engine: HFEngine, messages: tuple[ChatMessage, ...], text: str, *, delay: float = 0.0) -> list[TraceStep]:

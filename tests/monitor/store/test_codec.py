@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from monitor.store import TranscriptFormatError, transcript_from_dict, transcript_to_dict
-from monitor.store.codec import pack, unpack
+from monitor.store.packed import pack, unpack
 from monitor.types import Transcript
 
 Edit = Callable[[dict[str, Any]], None]

@@ -20,8 +20,10 @@ import pytest
 
 from detectors.judge.adversarial import ADVERSARIAL_COTS
 from detectors.judge.chat_tokens import CHAT_TEMPLATE_TOKENS
-from detectors.judge.client import CategoryVerdict, JudgeConfig, JudgeUnavailable, ask_judge, parse_verdict, verify_quotes
+from detectors.judge.client import JudgeConfig, JudgeUnavailable, ask_judge
 from detectors.judge.prompts import DEFAULT_CATEGORIES, build_messages, data_block, neutralise, new_nonce, response_schema
+from detectors.judge.quotes import verify_quotes
+from detectors.judge.verdicts import CategoryVerdict, parse_verdict
 from monitor.testing import JudgeReply, ScriptedJudge
 
 COT = (

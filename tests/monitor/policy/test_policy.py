@@ -12,7 +12,7 @@ import pytest
 from monitor.policy import MAX_POLICY_BYTES, Policy, PolicyError, PolicyEvaluator, load_policy, parse_policy, read_policy_yaml
 from monitor.types import Detection, Flag
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]
 DETECTORS: dict[str, float | None] = {"deception_probe": 0.7, "harmful_probe": 0.6, "cot_judge": None}
 
 

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from monitor.policy import PolicyEvaluator, backtest, parse_policy
-from monitor.store.codec import pack_detections, unpack_detections
+from monitor.store.packed import pack_detections, unpack_detections
 from monitor.types import Detection, Flag
 
 DETECTORS = ("a", "b", "missing")
