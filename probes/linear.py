@@ -232,6 +232,7 @@ class ProbeDetector:
                 label="linear probe",
                 detail=f"layer {probe.meta.layer}, threshold {probe.meta.threshold:.3f} at {probe.meta.target_fpr:.0%} FPR"
                 + (" per session" if probe.meta.calibration else ""),
+                kind="probe",
             ),
         )
 

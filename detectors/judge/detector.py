@@ -161,7 +161,7 @@ class JudgeDetector:
             found: list[Detection] = list(state.get("detections", []))
         except Exception as exc:  # the judge must never break the stream
             get_logger("cotmon.judge").error("judge_failed", detector=self.spec.name, error=f"{type(exc).__name__}: {exc}")
-            evidence = (Evidence("judge unavailable", f"judge failed: {type(exc).__name__}"),)
+            evidence = (Evidence("judge unavailable", f"judge failed: {type(exc).__name__}", kind="unavailable"),)
             found = [Detection(self.spec.name, UNAVAILABLE, 1.0, window.start, window.end, evidence)]
         if found and self._context.emit is not None:
             self._context.emit(found)

@@ -173,7 +173,7 @@ class SAEFeatureDetector:
             evidence = best.get(w.category, (0.0, []))[1]
             if act >= w.threshold:
                 quote = (step.text.strip(),) if step.text.strip() else ()
-                evidence.append(Evidence(w.label, f"SAE feature {w.index} activation {act:.4g} >= {w.threshold:g}", quote))
+                evidence.append(Evidence(w.label, f"SAE feature {w.index} activation {act:.4g} >= {w.threshold:g}", quote, "sae"))
             best[w.category] = (max(score, best.get(w.category, (0.0, []))[0]), evidence)
         return tuple(
             Detection(self.spec.name, category, score, step.index, step.index + 1, tuple(evidence))
@@ -200,7 +200,7 @@ class SAEFeatureDetector:
                 f"{self.spec.name} top feature over tokens {start}..{end - 1} (rule {flag.rule}): max activation "
                 f"{act:.4g} at token {t}, active on {active[feature]} of {end - start} tokens"
             )
-            evidence.append(Evidence(label, detail, (quote,) if quote else ()))
+            evidence.append(Evidence(label, detail, (quote,) if quote else (), "sae"))
         return evidence
 
 

@@ -21,6 +21,7 @@ import numpy.typing as npt
 from monitor.types import (
     ACTIONS,
     CHANNELS,
+    EVIDENCE_KINDS,
     MODES,
     OUTCOMES,
     SEVERITIES,
@@ -32,6 +33,7 @@ from monitor.types import (
     ModelInfo,
     TraceStep,
     Transcript,
+    legacy_evidence_kind,
 )
 
 MAGIC = b"CTM1"
@@ -145,7 +147,12 @@ def transcript_from_dict(data: Any, where: str = "transcript") -> Transcript:
             d.get("start", int),
             d.get("end", int),
             tuple(
-                Evidence(e.get("label", str), e.get("detail", str, ""), tuple(e.get("quotes", list, [])))
+                _evidence(
+                    e.get("label", str),
+                    e.get("detail", str, ""),
+                    e.get("quotes", list, []),
+                    e.choice("kind", EVIDENCE_KINDS, None),
+                )
                 for e in d.items("evidence", [])
             ),
         )
@@ -282,7 +289,12 @@ def unpack_steps(session_id: str, steps_blob: bytes, readouts_blob: bytes) -> tu
 
 
 def _evidence_dict(e: Evidence) -> dict[str, Any]:
-    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
+    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes), "kind": e.kind}
+
+
+def _evidence(label: str, detail: str, quotes: Sequence[str], kind: Any) -> Evidence:
+    """Evidence as stored; stored before evidence had a kind, its kind is read from its label."""
+    return Evidence(label, detail, tuple(quotes), kind or legacy_evidence_kind(label, detail))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,7 +317,7 @@ class DetectionColumns:
 
     def detections(self) -> tuple[Detection, ...]:
         groups = [
-            tuple(Evidence(e["label"], e["detail"], tuple(e["quotes"])) for e in group)
+            tuple(_evidence(e["label"], e["detail"], e["quotes"], e.get("kind")) for e in group)
             for group in json.loads(self.evidence_json)
         ]
         det, cat, ev = self.detector.tolist(), self.category.tolist(), self.evidence.tolist()
