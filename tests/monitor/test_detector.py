@@ -50,8 +50,8 @@ def test_entry_must_be_module_colon_class() -> None:
 def test_registering_a_kind_twice_names_both_sources() -> None:
     registry = DetectorRegistry()
     registry.register("probe", "probes.linear:ProbeDetector")
-    with pytest.raises(DetectorError, match=r"by 'probes\.linear:ProbeDetector'; my tests register it again"):
-        registry.register("probe", ScriptedDetector, source="my tests")
+    with pytest.raises(DetectorError, match=r"by 'probes\.linear:ProbeDetector'; this test registers it again"):
+        registry.register("probe", ScriptedDetector, source="this test")
 
 
 GROUP = "cotmon.detectors_under_test"
