@@ -132,7 +132,7 @@ def judge_batches(
         batch = []
         for p, (_, category) in enumerate(PROBES):
             score = float(np.clip(scores[start:end, p].mean() + rng.normal(0.0, 0.05), 0.0, 1.0))
-            evidence = Evidence(f"judge: {category}", RATIONALES[score >= 0.5], (quote,))
+            evidence = Evidence(f"judge: {category}", RATIONALES[score >= 0.5], (quote,), "judge")
             batch.append(Detection("cot_judge", category, score, start, end, (evidence,)))
         arrivals.setdefault(end - 1 + int(rng.integers(2, 12)), []).extend(batch)
     return arrivals
@@ -162,7 +162,9 @@ def synthetic_transcript(
     scores = 1.0 / (1.0 + np.exp(-values.astype(np.float64)))
     late = judge_batches(rng, texts, n_reasoning, scores)
     evidence = [
-        (Evidence("linear probe", f"layer {LAYERS[name]}, threshold {THRESHOLDS[name]:.3f} at 1% FPR"),) if probe_evidence else ()
+        (Evidence("linear probe", f"layer {LAYERS[name]}, threshold {THRESHOLDS[name]:.3f} at 1% FPR", kind="probe"),)
+        if probe_evidence
+        else ()
         for name, _ in PROBES
     ]
 

@@ -3,29 +3,38 @@
 A detector kind is a class registered under a name. The registry holds lazy
 ``"module:Class"`` entries (built-in kinds come from the ``cotmon.detectors`` entry point group,
 exactly like a user's plugin), so heavy modules load only when a kind is used.
+
+A kind builds detectors in two steps: `prepare` checks a spec and loads its artifact once (a
+pipeline prepares its detectors when it is built), and the builder it returns makes a cheap
+detector for each stream. The registry checks every spec's arguments against the kind's
+`known_args` before the kind sees them.
 """
 
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib.metadata import entry_points
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Protocol, TypeVar, runtime_checkable
 
+from monitor.observability import Metrics, default_metrics
 from monitor.types import STAT_SEPARATOR, AnyReadout, Detection, DetectorSpec, Evidence, Flag, ModelInfo, TraceStep
 
 __all__ = [
     "Deferred",
     "Detector",
+    "DetectorBuilder",
     "DetectorContext",
     "DetectorError",
-    "DetectorFactory",
+    "DetectorKind",
     "DetectorRegistry",
     "DetectorSpec",
     "EmitFn",
     "Explainer",
+    "build_detector",
+    "check_args",
     "default_registry",
 ]
 
@@ -51,8 +60,9 @@ class DetectorContext:
     """Set by the pipeline for each stream; detectors that answer late call it."""
     scores: Mapping[str, float] = field(default_factory=dict)
     """Set by the pipeline for each stream: the highest score so far per detector name (live view)."""
-    metrics: Any = None
-    """The pipeline's `monitor.observability.Metrics`, for detectors with metrics of their own (the judge)."""
+    metrics: Metrics = field(default_factory=default_metrics)
+    """The pipeline's metrics, for detectors with metrics of their own (the judge); the process-wide
+    ones when none are given."""
     secrets: Mapping[str, str] = field(default_factory=dict, repr=False)
     """Credentials from settings (`judge_api_key`); kept out of specs, which transcripts store."""
 
@@ -103,40 +113,72 @@ class Deferred(Protocol):
         ...
 
 
-class DetectorFactory(Protocol):
+D = TypeVar("D", bound=Detector, covariant=True)
+
+DetectorBuilder = Callable[[DetectorContext], D]
+"""Builds one stream's detector from that stream's context (its `emit`, `scores` and `metrics`)."""
+
+
+class DetectorKind(Protocol[D]):
     """What a registry entry resolves to: usually the detector class itself."""
 
-    def create(self, spec: DetectorSpec, context: DetectorContext) -> Detector:
-        """Build one detector instance for one stream."""
+    @property
+    def known_args(self) -> Collection[str]:
+        """Every argument a spec of this kind may give; the registry refuses any other."""
+        ...
+
+    def prepare(self, spec: DetectorSpec, context: DetectorContext) -> DetectorBuilder[D]:
+        """Check `spec` (arguments already known) and load what it names, once per pipeline; return
+        the builder of one detector per stream, which shares what was loaded."""
         ...
 
 
+def check_args(spec: DetectorSpec, known: Collection[str]) -> None:
+    """Refuse arguments a kind does not know, naming the spec and each key."""
+    unknown = set(spec.args) - set(known)
+    if unknown:
+        listed = ", ".join(sorted(map(str, unknown)))
+        raise DetectorError(f"detector {spec.name!r}: unknown arg(s) {listed} (known: {', '.join(known) or 'none'})")
+
+
+def build_detector(kind: DetectorKind[D], spec: DetectorSpec, context: DetectorContext) -> D:
+    """One detector straight from its kind, arguments checked (tools and tests; a pipeline prepares once)."""
+    check_args(spec, kind.known_args)
+    return kind.prepare(spec, context)(context)
+
+
 class DetectorRegistry:
-    """Maps detector kinds to factories; rejects a kind registered twice."""
+    """Maps detector kinds to their classes; rejects a kind registered twice, naming both sources."""
 
     def __init__(self) -> None:
-        self._entries: dict[str, str | DetectorFactory] = {}
-        self._loaded: dict[str, DetectorFactory] = {}
+        self._entries: dict[str, str | DetectorKind[Detector]] = {}
+        self._sources: dict[str, str] = {}
+        self._loaded: dict[str, DetectorKind[Detector]] = {}
 
-    def register(self, kind: str, target: str | DetectorFactory) -> None:
-        """Register `kind` as a factory object or a lazy ``"module:Class"`` string."""
+    def register(self, kind: str, target: str | DetectorKind[Detector], *, source: str | None = None) -> None:
+        """Register `kind` as a class or a lazy ``"module:Class"`` string; `source` says where it
+        comes from (an entry point and its distribution), for the error a duplicate gets."""
+        source = source or repr(target)
         if kind in self._entries:
-            raise DetectorError(f"detector kind {kind!r} is already registered ({self._entries[kind]!r})")
+            raise DetectorError(
+                f"detector kind {kind!r} is already registered by {self._sources[kind]}; {source} registers it again"
+            )
         if isinstance(target, str) and ":" not in target:
             raise DetectorError(f"detector kind {kind!r}: entry {target!r} is not of the form 'module:Class'")
         self._entries[kind] = target
+        self._sources[kind] = source
 
     def register_entry_points(self, group: str = ENTRY_POINT_GROUP) -> None:
-        """Register every installed ``cotmon.detectors`` entry point not yet registered."""
+        """Register every installed ``cotmon.detectors`` entry point; two of one name are refused."""
         for ep in entry_points(group=group):
-            if ep.name not in self._entries:
-                self.register(ep.name, ep.value)
+            dist = ep.dist.name if ep.dist is not None else "an unknown distribution"
+            self.register(ep.name, ep.value, source=f"{ep.value!r} (entry point of {dist})")
 
     def kinds(self) -> list[str]:
         return sorted(self._entries)
 
-    def resolve(self, kind: str) -> DetectorFactory:
-        """The factory for `kind`, importing its module on first use."""
+    def resolve(self, kind: str) -> DetectorKind[Detector]:
+        """The class of `kind`, importing its module on first use."""
         if kind in self._loaded:
             return self._loaded[kind]
         try:
@@ -147,27 +189,34 @@ class DetectorRegistry:
         if isinstance(target, str):
             module_name, _, attr = target.partition(":")
             try:
-                factory: DetectorFactory = getattr(importlib.import_module(module_name), attr)
+                found: DetectorKind[Detector] = getattr(importlib.import_module(module_name), attr)
             except (ImportError, AttributeError) as exc:
                 raise DetectorError(f"detector kind {kind!r}: cannot load {target!r}: {exc}") from exc
         else:
-            factory = target
-        self._loaded[kind] = factory
-        return factory
+            found = target
+        if not callable(getattr(found, "prepare", None)) or not isinstance(getattr(found, "known_args", None), Collection):
+            raise DetectorError(
+                f"detector kind {kind!r}: {self._sources[kind]} lacks known_args or prepare(spec, context) (see DetectorKind)"
+            )
+        self._loaded[kind] = found
+        return found
 
-    def create(self, spec: DetectorSpec, context: DetectorContext) -> Detector:
-        return self.resolve(spec.kind).create(spec, context)
+    def prepare(self, spec: DetectorSpec, context: DetectorContext) -> DetectorBuilder[Detector]:
+        """Check `spec` against its kind and load what it names; returns the per-stream builder."""
+        kind = self.resolve(spec.kind)
+        check_args(spec, kind.known_args)
+        return kind.prepare(spec, context)
 
-    def create_all(self, specs: Iterable[DetectorSpec], context: DetectorContext) -> list[Detector]:
-        """Build one detector per spec; names must be unique."""
+    def prepare_all(self, specs: Iterable[DetectorSpec], context: DetectorContext) -> list[DetectorBuilder[Detector]]:
+        """One builder per spec; names must be unique."""
         seen: set[str] = set()
-        detectors = []
+        builders = []
         for spec in specs:
             if spec.name in seen:
                 raise DetectorError(f"two detectors are named {spec.name!r}")
             seen.add(spec.name)
-            detectors.append(self.create(spec, context))
-        return detectors
+            builders.append(self.prepare(spec, context))
+        return builders
 
 
 _DEFAULT: DetectorRegistry | None = None

@@ -65,7 +65,8 @@ class Pipeline:
         self.sink_threads = sink_threads or shared_sink_threads()
         """Where sessions wait for their journal and sinks (off the event loop)."""
         self.log = get_logger("cotmon.pipeline")
-        prototypes = self.registry.create_all(self.specs, self.context)
+        self._builders = self.registry.prepare_all(self.specs, self.context)  # each artifact loaded once, here
+        prototypes = [build(self.context) for build in self._builders]
         self.thresholds = thresholds_of(prototypes)
         # Re-validate against the detectors that exist: unknown names and `calibrated` bounds on
         # uncalibrated detectors fail here, naming the policy file, rule and field.
@@ -82,7 +83,7 @@ class Pipeline:
     ) -> list[Detector]:
         """Fresh detector instances for one stream (`scores`: that stream's best score per detector)."""
         context = dataclasses.replace(self.context, emit=emit, scores=scores, metrics=metrics or self.metrics)
-        return self.registry.create_all(self.specs, context)
+        return [build(context) for build in self._builders]
 
     def generate(self, request: GenerationRequest) -> Session:
         """A session that generates for `request`."""

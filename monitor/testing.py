@@ -2,7 +2,9 @@
 
 `ScriptedEngine` plays back fixed readout values token by token through the real Engine
 protocol, so a policy or detector can be exercised without a model. It records how many steps
-were pulled from it, which is how tests check that a halt stopped generation. `ServerThread`
+were pulled from it, which is how tests check that a halt stopped generation. `ScriptedDetector`
+is a detector kind that turns those readout values into scores, so a pipeline runs with scores
+chosen in advance (register it under any kind name). `ServerThread`
 serves an app on a loopback port for tests that use real HTTP clients. `ScriptedJudge` is an
 OpenAI-compatible chat-completions server with scripted answers (good, garbage, errors, delays,
 dropped connections) that records what it was sent, for testing an LLM judge through real HTTP.
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import threading
 import time
 from collections import deque
@@ -20,7 +23,21 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
 
-from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout, TraceStep
+import numpy as np
+
+from monitor.detector import DetectorContext
+from monitor.types import (
+    AnyReadout,
+    ChatMessage,
+    Detection,
+    DetectorSpec,
+    Evidence,
+    Flag,
+    GenerationRequest,
+    ModelInfo,
+    Readout,
+    TraceStep,
+)
 
 if TYPE_CHECKING:
     from starlette.requests import Request
@@ -87,6 +104,49 @@ class ScriptedEngine:
     ) -> AsyncGenerator[TraceStep, None]:
         """Plays the script again (its token ids are the step indices)."""
         return self._play(session_id)
+
+
+class ScriptedDetector:
+    """A detector kind whose score at each token is sigmoid(the readout named after the detector).
+
+    With a `ScriptedEngine` whose readouts include the detector's name, the scores are fixed in
+    advance. Also an explainer: a flag's evidence quotes the flagged span.
+
+    Spec args: `category` of its detections [deception]; `threshold`, its calibrated threshold
+    [none]; `emit_late_at`, a token index at which it hands in a late detection (category `late`,
+    score 0.99) through the context's `emit`, as a slow detector (the judge) does.
+    """
+
+    known_args = ("category", "threshold", "emit_late_at")
+
+    def __init__(self, spec: DetectorSpec, context: DetectorContext):
+        self.spec, self.context = spec, context
+        self.category = str(spec.args.get("category", "deception"))
+        self.texts: list[str] = []
+
+    @classmethod
+    def prepare(cls, spec: DetectorSpec, context: DetectorContext) -> Callable[[DetectorContext], ScriptedDetector]:
+        return lambda stream: cls(spec, stream)
+
+    def readouts(self) -> Sequence[Readout]:
+        return [Readout(self.spec.name, 0, np.zeros(self.context.model.d_model, np.float32))]
+
+    def calibrated_threshold(self) -> float | None:
+        threshold = self.spec.args.get("threshold")
+        return None if threshold is None else float(threshold)
+
+    async def observe(self, step: TraceStep) -> Sequence[Detection]:
+        self.texts.append(step.text)
+        if step.index == self.spec.args.get("emit_late_at") and self.context.emit is not None:
+            self.context.emit([Detection(self.spec.name, "late", 0.99, 0, step.index + 1)])
+        if self.spec.name not in step.readouts:
+            return []
+        score = 1.0 / (1.0 + math.exp(-step.readouts[self.spec.name]))
+        return [Detection(self.spec.name, self.category, score, step.index, step.index + 1)]
+
+    def explain(self, flag: Flag, start: int, end: int) -> Sequence[Evidence]:
+        quote = "".join(self.texts[start:end])
+        return [Evidence(f"{self.spec.name} direction", f"tokens {start}..{end}", (quote, self.texts[end - 1]))]
 
 
 class ServerThread:

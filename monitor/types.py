@@ -31,6 +31,10 @@ STAT_SEPARATOR = ":"
 """In a thresholds mapping, `detector` is a detector's per-token threshold and `detector:mean@16` its
 threshold calibrated for that statistic (`monitor.policy.calibrated_bound`)."""
 MODES: tuple[Mode, ...] = ("generate", "teacher_force", "replay")
+EvidenceKind = Literal["probe", "sae", "judge", "triage", "unavailable", "other"]
+"""What a piece of evidence is: a probe's direction, an SAE feature, the LLM judge's verdict, the
+judge's triage classifier, the judge failing to answer (`unavailable`), or anything else."""
+EVIDENCE_KINDS: tuple[EvidenceKind, ...] = ("probe", "sae", "judge", "triage", "unavailable", "other")
 
 
 @dataclass(frozen=True)
@@ -132,6 +136,24 @@ class Evidence:
     """Longer text: the judge's rationale, a probe's layer and threshold."""
     quotes: tuple[str, ...] = ()
     """Spans of the CoT, each verbatim in it."""
+    kind: EvidenceKind = "other"
+    """What it is; the viewer and the CLI group evidence by it (never by its label)."""
+
+
+def legacy_evidence_kind(label: str, detail: str) -> EvidenceKind:
+    """The kind of evidence stored before evidence had one, read from the labels the built-in
+    detectors gave it then."""
+    if label.startswith("judge:"):
+        return "judge"
+    if label.startswith("triage:"):
+        return "triage"
+    if label == "judge unavailable":
+        return "unavailable"
+    if label.startswith("SAE feature") or detail.startswith("SAE feature"):
+        return "sae"
+    if label == "linear probe":
+        return "probe"
+    return "other"
 
 
 @dataclass(frozen=True)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -21,7 +21,7 @@ import numpy.typing as npt
 from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 
-from monitor.detector import DetectorContext, DetectorError
+from monitor.detector import DetectorContext, DetectorError, build_detector
 from monitor.types import Detection, DetectorSpec, Evidence, ModelInfo, Readout, TraceStep
 
 FORMAT = "cotmon.linear_probe/1"
@@ -222,6 +222,8 @@ class ProbeDetector:
     optional `channels` (default both: reasoning and answer) and `allow_other_model`.
     """
 
+    known_args = ("artifact", "channels", "allow_other_model")
+
     def __init__(self, spec: DetectorSpec, probe: LinearProbe, channels: Sequence[str]):
         self.spec = spec
         self.probe = probe
@@ -232,11 +234,13 @@ class ProbeDetector:
                 label="linear probe",
                 detail=f"layer {probe.meta.layer}, threshold {probe.meta.threshold:.3f} at {probe.meta.target_fpr:.0%} FPR"
                 + (" per session" if probe.meta.calibration else ""),
+                kind="probe",
             ),
         )
 
     @classmethod
-    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ProbeDetector:
+    def prepare(cls, spec: DetectorSpec, context: DetectorContext) -> Callable[[DetectorContext], ProbeDetector]:
+        """Load and check the artifact once; every stream's detector shares it."""
         artifact = spec.args.get("artifact")
         if not isinstance(artifact, str | Path):
             raise ProbeArtifactError(f"detector {spec.name!r}: args.artifact must be a path to a probe artifact")
@@ -247,7 +251,12 @@ class ProbeDetector:
         channels = spec.args.get("channels", ("reasoning", "answer"))
         if not isinstance(channels, list | tuple) or not set(channels) <= {"reasoning", "answer"}:
             raise ProbeArtifactError(f"detector {spec.name!r}: args.channels must list reasoning and/or answer")
-        return cls(spec, probe, channels)
+        return lambda stream: cls(spec, probe, channels)
+
+    @classmethod
+    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ProbeDetector:
+        """One detector straight from a spec (tools and tests)."""
+        return build_detector(cls, spec, context)
 
     def readouts(self) -> Sequence[Readout]:
         weight, bias = self.probe.folded()

@@ -5,7 +5,7 @@ backend, and sessions from a real Pipeline to store.
 is started once per test session (initdb + pg_ctl, under a second), listens only on a Unix socket
 in its own temporary directory, and is stopped and removed at the end of the session, whatever
 the tests did. `transcript` and `run_session` run a ScriptedEngine through a real Pipeline with
-toy detectors, so stored sessions hold what live ones do: float64 readouts, detections with
+scripted detectors, so stored sessions hold what live ones do: float64 readouts, detections with
 evidence, several flags, evaluations, request parameters and thresholds.
 """
 
@@ -25,19 +25,18 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
 from component_fixtures import require
 from conftest import free_port
-from monitor.detector import DetectorContext, DetectorRegistry
+from monitor.detector import DetectorRegistry
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.sinks import Sink
-from monitor.testing import ScriptedEngine
-from monitor.types import ChatMessage, Detection, DetectorSpec, Evidence, Flag, GenerationRequest, Readout, TraceStep, Transcript
+from monitor.testing import ScriptedDetector, ScriptedEngine
+from monitor.types import ChatMessage, DetectorSpec, GenerationRequest, Transcript
 
 
 @dataclass(frozen=True)
@@ -159,39 +158,6 @@ def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
 # -- transcripts from a real pipeline ---------------------------------------------------------------
 
 
-class ToyScore:
-    """Test detector: score = sigmoid(readout named after the detector), in the spec's category.
-
-    Also an explainer: a flag's evidence quotes the flagged span of the chain of thought.
-    """
-
-    def __init__(self, spec: DetectorSpec, context: DetectorContext):
-        self.spec, self.context = spec, context
-        self.category = str(spec.args.get("category", "deception"))
-        self.texts: list[str] = []
-
-    @classmethod
-    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ToyScore:
-        return cls(spec, context)
-
-    def readouts(self) -> Sequence[Readout]:
-        return [Readout(self.spec.name, 0, np.zeros(self.context.model.d_model, np.float32))]
-
-    def calibrated_threshold(self) -> float | None:
-        return self.spec.args.get("threshold")
-
-    async def observe(self, step: TraceStep) -> Sequence[Detection]:
-        self.texts.append(step.text)
-        if self.spec.name not in step.readouts:
-            return []
-        score = 1.0 / (1.0 + math.exp(-step.readouts[self.spec.name]))
-        return [Detection(self.spec.name, self.category, score, step.index, step.index + 1)]
-
-    def explain(self, flag: Flag, start: int, end: int) -> Sequence[Evidence]:
-        quote = "".join(self.texts[start:end])
-        return [Evidence(f"{self.spec.name} direction", f"tokens {start}..{end}", (quote, self.texts[end - 1]))]
-
-
 SPECS = (
     DetectorSpec("toy_score", "s", {"category": "deception", "threshold": 0.5}),
     DetectorSpec("toy_score", "q", {"category": "harmful_planning"}),
@@ -236,7 +202,7 @@ RunSession = Callable[..., Transcript]
 
 def _registry() -> DetectorRegistry:
     registry = DetectorRegistry()
-    registry.register("toy_score", ToyScore)
+    registry.register("toy_score", ScriptedDetector)
     return registry
 
 

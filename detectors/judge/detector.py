@@ -32,9 +32,10 @@ slow judge, the session (and a held answer) waits at most about `timeout_s` afte
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from detectors.judge.client import DEFAULT_BOUNDS, AnswerBounds, JudgeConfig
@@ -44,18 +45,19 @@ from detectors.judge.prompts import DEFAULT_CATEGORIES
 from detectors.judge.state import Window, WindowReason
 from detectors.judge.triage import TriageError, TriageModel, load_triage
 from monitor.detector import DetectorContext, DetectorError
-from monitor.observability import default_metrics, get_logger
+from monitor.observability import get_logger
 from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, TraceStep
 
-ARGS = (
-    "url", "model", "categories", "every", "paragraphs", "min_tokens", "escalate_at", "white_box",
-    "timeout_s", "max_retries", "max_tokens", "max_response_bytes", "encoder",
-)  # fmt: skip
 THINK_END = "</think>"
 
 
 class JudgeDetector:
     """One stream's judge: cuts the reasoning into windows and runs each through the graph."""
+
+    known_args = (
+        "url", "model", "categories", "every", "paragraphs", "min_tokens", "escalate_at", "white_box",
+        "timeout_s", "max_retries", "max_tokens", "max_response_bytes", "encoder",
+    )  # fmt: skip
 
     def __init__(self, spec: DetectorSpec, context: DetectorContext, nodes: JudgeNodes, args: Mapping[str, Any]):
         self.spec = spec
@@ -73,12 +75,10 @@ class JudgeDetector:
         self._timeout_s = nodes.config.timeout_s if nodes.config is not None else math.inf
 
     @classmethod
-    def create(cls, spec: DetectorSpec, context: DetectorContext) -> JudgeDetector:
+    def prepare(cls, spec: DetectorSpec, context: DetectorContext) -> Callable[[DetectorContext], JudgeDetector]:
+        """Check the spec and load the triage model once; each stream gets its own graph, on its own metrics."""
         args = dict(spec.args)
         where = f"detector {spec.name!r}"
-        unknown = set(args) - set(ARGS)
-        if unknown:
-            raise DetectorError(f"{where}: unknown arg(s) {', '.join(sorted(unknown))} (known: {', '.join(ARGS)})")
         categories = _categories(args.get("categories"), where)
         for key, low in (("every", 1), ("min_tokens", 1), ("max_retries", 0), ("max_tokens", 1), ("max_response_bytes", 1024)):
             if key in args and (not isinstance(args[key], int) or isinstance(args[key], bool) or args[key] < low):
@@ -108,9 +108,9 @@ class JudgeDetector:
             categories=tuple(categories),
             escalate_at=escalate_at,
             white_box={str(k): float(v) for k, v in white_box.items()},
-            metrics=context.metrics or default_metrics(),
+            metrics=context.metrics,
         )
-        return cls(spec, context, nodes, args)
+        return lambda stream: cls(spec, stream, dataclasses.replace(nodes, metrics=stream.metrics), args)
 
     def readouts(self) -> Sequence[AnyReadout]:
         return ()
@@ -161,7 +161,7 @@ class JudgeDetector:
             found: list[Detection] = list(state.get("detections", []))
         except Exception as exc:  # the judge must never break the stream
             get_logger("cotmon.judge").error("judge_failed", detector=self.spec.name, error=f"{type(exc).__name__}: {exc}")
-            evidence = (Evidence("judge unavailable", f"judge failed: {type(exc).__name__}"),)
+            evidence = (Evidence("judge unavailable", f"judge failed: {type(exc).__name__}", kind="unavailable"),)
             found = [Detection(self.spec.name, UNAVAILABLE, 1.0, window.start, window.end, evidence)]
         if found and self._context.emit is not None:
             self._context.emit(found)

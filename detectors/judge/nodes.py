@@ -82,7 +82,12 @@ class JudgeNodes:
         if verdict is None:
             reason = state.get("failure") or "no verdict"
             unavailable = Detection(
-                self.name, UNAVAILABLE, 1.0, w.start, w.end, (Evidence("judge unavailable", f"LLM judge failed: {reason}"),)
+                self.name,
+                UNAVAILABLE,
+                1.0,
+                w.start,
+                w.end,
+                (Evidence("judge unavailable", f"LLM judge failed: {reason}", kind="unavailable"),),
             )
             return {"detections": [unavailable, *self._triage_detections(state, "judge unavailable: triage only")]}
         kept, dropped = verify_quotes(verdict.verdicts, w.cot)
@@ -90,7 +95,7 @@ class JudgeNodes:
         found = {v.category: v for v in kept if v.category in self.categories}
         return {
             "detections": [
-                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", _detail(v), v.quotes),))
+                Detection(self.name, c, v.score, w.start, w.end, (Evidence(f"judge: {c}", _detail(v), v.quotes, "judge"),))
                 for c, v in found.items()
             ]
         }
@@ -103,7 +108,9 @@ class JudgeNodes:
         w = state["window"]
         backend = self.triage_model.backend
         return [
-            Detection(self.name, c, p, w.start, w.end, (Evidence(f"triage: {c}", f"{why} ({backend} text classifier)"),))
+            Detection(
+                self.name, c, p, w.start, w.end, (Evidence(f"triage: {c}", f"{why} ({backend} text classifier)", kind="triage"),)
+            )
             for c, p in state["triage"].items()
         ]
 

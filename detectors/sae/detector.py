@@ -25,7 +25,7 @@ from __future__ import annotations
 import csv
 import gzip
 import json
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -34,25 +34,10 @@ from detectors.sae.formats import Overrides, load_sae
 from detectors.sae.model import SAE, SAEError
 from detectors.sae.readouts import top_names, watched_readouts, watched_values
 from detectors.sae.watch import WatchedFeature, parse_watch
-from monitor.detector import DetectorContext
+from monitor.detector import DetectorContext, build_detector
 from monitor.observability import get_logger
 from monitor.types import AnyReadout, Detection, DetectorSpec, Evidence, Flag, TraceStep
 
-ARGS = (
-    "sae",
-    "format",
-    "layer",
-    "k",
-    "input_scale",
-    "neuronpedia",
-    "watch",
-    "category",
-    "threshold",
-    "explain",
-    "labels",
-    "channels",
-    "allow_other_model",
-)
 CALIBRATED = 0.5
 
 
@@ -62,7 +47,7 @@ def _cached_sae(path: str, mtime: float, fmt: str, overrides: tuple[Any, ...]) -
 
 
 def open_sae(path: Path, fmt: str = "auto", overrides: Overrides | None = None) -> SAE:
-    """Load an SAE once per process (detectors are built per stream; a large SAE is ~1 GiB)."""
+    """Load an SAE once per process (every pipeline prepares its detectors, a replay too; a large SAE is ~1 GiB)."""
     ov = overrides or Overrides()
     mtime = path.stat().st_mtime if path.exists() else 0.0
     return _cached_sae(str(path.resolve()), mtime, fmt, (ov.layer, ov.k, ov.input_scale, ov.neuronpedia))
@@ -101,6 +86,11 @@ def _add_label(labels: dict[int, str], index: Any, label: Any, path: Path, line:
 class SAEFeatureDetector:
     """Watches SAE features per token; explains flagged spans by their top features."""
 
+    known_args = (
+        "sae", "format", "layer", "k", "input_scale", "neuronpedia", "watch", "category", "threshold", "explain",
+        "labels", "channels", "allow_other_model",
+    )  # fmt: skip
+
     def __init__(
         self,
         spec: DetectorSpec,
@@ -114,19 +104,18 @@ class SAEFeatureDetector:
         self.sae = sae
         self.watched = watched
         self.top = explain
-        self.labels = {**labels, **{w.index: w.label for w in watched}}
+        self.labels = labels
+        """Feature index -> label: the labels file's, and the watched features' own (shared by every stream)."""
         self._channels = frozenset(channels)
         self._indices = [w.index for w in watched]
         self._texts: dict[int, str] = {}
         self._tops: dict[int, list[tuple[int, float]]] = {}
 
     @classmethod
-    def create(cls, spec: DetectorSpec, context: DetectorContext) -> SAEFeatureDetector:
+    def prepare(cls, spec: DetectorSpec, context: DetectorContext) -> Callable[[DetectorContext], SAEFeatureDetector]:
+        """Load the SAE (once per process), the watch list and the labels once; every stream's detector shares them."""
         args = spec.args
         where = f"detector {spec.name!r}"
-        unknown = set(args) - set(ARGS)
-        if unknown:
-            raise SAEError(f"{where}: unknown arg(s) {', '.join(sorted(unknown))} (known: {', '.join(ARGS)})")
         if not isinstance(args.get("sae"), str | Path):
             raise SAEError(f"{where}: args.sae must be the path of an SAE folder or file")
         path = Path(args["sae"])
@@ -144,10 +133,16 @@ class SAEFeatureDetector:
         if not watched and not explain:
             raise SAEError(f"{where}: watches no feature and explains nothing; give args.watch and/or args.explain")
         labels = load_labels(_resolve(args["labels"], context)) if args.get("labels") else {}
+        labels.update({w.index: w.label for w in watched})
         channels = args.get("channels", ("reasoning", "answer"))
         if not isinstance(channels, list | tuple) or not set(channels) <= {"reasoning", "answer"}:
             raise SAEError(f"{where}: args.channels must list reasoning and/or answer")
-        return cls(spec, sae, watched, explain, labels, channels)
+        return lambda stream: cls(spec, sae, watched, explain, labels, channels)
+
+    @classmethod
+    def create(cls, spec: DetectorSpec, context: DetectorContext) -> SAEFeatureDetector:
+        """One detector straight from a spec (tools and tests)."""
+        return build_detector(cls, spec, context)
 
     def readouts(self) -> Sequence[AnyReadout]:
         return watched_readouts(self.sae, self.spec.name, self._indices, self.top)
@@ -173,7 +168,7 @@ class SAEFeatureDetector:
             evidence = best.get(w.category, (0.0, []))[1]
             if act >= w.threshold:
                 quote = (step.text.strip(),) if step.text.strip() else ()
-                evidence.append(Evidence(w.label, f"SAE feature {w.index} activation {act:.4g} >= {w.threshold:g}", quote))
+                evidence.append(Evidence(w.label, f"SAE feature {w.index} activation {act:.4g} >= {w.threshold:g}", quote, "sae"))
             best[w.category] = (max(score, best.get(w.category, (0.0, []))[0]), evidence)
         return tuple(
             Detection(self.spec.name, category, score, step.index, step.index + 1, tuple(evidence))
@@ -200,7 +195,7 @@ class SAEFeatureDetector:
                 f"{self.spec.name} top feature over tokens {start}..{end - 1} (rule {flag.rule}): max activation "
                 f"{act:.4g} at token {t}, active on {active[feature]} of {end - start} tokens"
             )
-            evidence.append(Evidence(label, detail, (quote,) if quote else ()))
+            evidence.append(Evidence(label, detail, (quote,) if quote else (), "sae"))
         return evidence
 
 

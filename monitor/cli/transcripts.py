@@ -103,7 +103,7 @@ def show_command(session_id: str, store_url: str | None, as_json: bool) -> None:
     out.print("\n[bold]max score per detector[/bold]: " + (", ".join(f"{escape(k)} {v:.3f}" for k, v in best.items()) or "none"))
     for d in t.detections:
         for e in d.evidence:
-            if e.label.startswith("judge"):
+            if e.kind in ("judge", "unavailable"):
                 out.print(f"\n[bold]{escape(e.label)}[/bold] (score {d.score:.2f}, tokens {d.start}-{d.end}): {escape(e.detail)}")
                 for q in e.quotes:
                     out.print(f"  > {escape(q)}")

@@ -14,6 +14,7 @@ from typing import Any
 from monitor.types import (
     ACTIONS,
     CHANNELS,
+    EVIDENCE_KINDS,
     MODES,
     OUTCOMES,
     SEVERITIES,
@@ -25,6 +26,7 @@ from monitor.types import (
     ModelInfo,
     TraceStep,
     Transcript,
+    legacy_evidence_kind,
 )
 
 
@@ -42,7 +44,12 @@ def detection_to_dict(d: Detection) -> dict[str, Any]:
 
 def evidence_to_dict(e: Evidence) -> dict[str, Any]:
     """Plain data for one piece of evidence."""
-    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes)}
+    return {"label": e.label, "detail": e.detail, "quotes": list(e.quotes), "kind": e.kind}
+
+
+def evidence_from(label: str, detail: str, quotes: Sequence[str], kind: Any) -> Evidence:
+    """Evidence as stored; stored before evidence had a kind, its kind is read from its label."""
+    return Evidence(label, detail, tuple(quotes), kind or legacy_evidence_kind(label, detail))
 
 
 def step_to_dict(s: TraceStep) -> dict[str, Any]:
@@ -138,7 +145,12 @@ def transcript_from_dict(data: Any, where: str = "transcript") -> Transcript:
             d.get("start", int),
             d.get("end", int),
             tuple(
-                Evidence(e.get("label", str), e.get("detail", str, ""), tuple(e.get("quotes", list, [])))
+                evidence_from(
+                    e.get("label", str),
+                    e.get("detail", str, ""),
+                    e.get("quotes", list, []),
+                    e.choice("kind", EVIDENCE_KINDS, None),
+                )
                 for e in d.items("evidence", [])
             ),
         )

@@ -9,7 +9,7 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
-from monitor.store.codec import evidence_to_dict
+from monitor.store.codec import evidence_from, evidence_to_dict
 from monitor.types import Detection, Evidence
 
 
@@ -33,7 +33,7 @@ class DetectionColumns:
 
     def detections(self) -> tuple[Detection, ...]:
         groups = [
-            tuple(Evidence(e["label"], e["detail"], tuple(e["quotes"])) for e in group)
+            tuple(evidence_from(e["label"], e["detail"], e["quotes"], e.get("kind")) for e in group)
             for group in json.loads(self.evidence_json)
         ]
         det, cat, ev = self.detector.tolist(), self.category.tolist(), self.evidence.tolist()

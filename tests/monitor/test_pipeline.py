@@ -5,8 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import aclosing
 from pathlib import Path
 
@@ -14,50 +13,23 @@ import pytest
 import structlog
 
 from conftest import ProbeFactory
-from monitor.detector import DetectorContext, DetectorRegistry
+from monitor.detector import DetectorRegistry
 from monitor.engine.batching import PromptCache
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics, configure_logging
 from monitor.pipeline import Pipeline
 from monitor.policy import PolicyError, parse_policy
 from monitor.store import TranscriptStore
-from monitor.testing import ScriptedEngine
-from monitor.types import ChatMessage, Detection, DetectorSpec, GenerationRequest, Readout, TraceStep
+from monitor.testing import ScriptedDetector, ScriptedEngine
+from monitor.types import ChatMessage, DetectorSpec, GenerationRequest
 
 MESSAGES = (ChatMessage("user", "Did you run the test suite?"),)
-
-
-class ReadoutScore:
-    """Test detector: score = sigmoid(readout named after the detector)."""
-
-    def __init__(self, spec: DetectorSpec, context: DetectorContext):
-        self.spec = spec
-        self.context = context
-
-    @classmethod
-    def create(cls, spec: DetectorSpec, context: DetectorContext) -> ReadoutScore:
-        return cls(spec, context)
-
-    def readouts(self) -> Sequence[Readout]:
-        import numpy as np
-
-        return [Readout(self.spec.name, 0, np.zeros(self.context.model.d_model, np.float32))]
-
-    def calibrated_threshold(self) -> float | None:
-        return 0.5
-
-    async def observe(self, step: TraceStep) -> Sequence[Detection]:
-        score = 1.0 / (1.0 + math.exp(-step.readouts[self.spec.name]))
-        late = self.spec.args.get("emit_late_at")
-        if late == step.index and self.context.emit is not None:
-            self.context.emit([Detection(self.spec.name, "late", 0.99, 0, step.index + 1)])
-        return [Detection(self.spec.name, "deception", score, step.index, step.index + 1)]
 
 
 def _registry() -> DetectorRegistry:
     registry = DetectorRegistry()
     registry.register_entry_points()
-    registry.register("readout_score", ReadoutScore)
+    registry.register("readout_score", ScriptedDetector)
     return registry
 
 

@@ -8,11 +8,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from prometheus_client import CollectorRegistry
 from safetensors.numpy import load_file, save_file
 
 from conftest import ProbeFactory
 from monitor.detector import DetectorContext, DetectorRegistry
 from monitor.engine.hf import HFEngine
+from monitor.observability import Metrics
+from monitor.pipeline import Pipeline
+from monitor.policy import Policy
 from monitor.types import ChatMessage, DetectorSpec, ModelInfo
 from probes.linear import ProbeArtifactError, ProbeDetector, load_probe
 
@@ -134,3 +138,17 @@ def test_linear_probe_kind_is_registered_through_its_entry_point() -> None:
     registry = DetectorRegistry()
     registry.register_entry_points()
     assert registry.resolve("linear_probe") is ProbeDetector
+
+
+async def test_a_pipeline_reads_the_artifact_once_however_many_streams_it_serves(
+    make_probe: ProbeFactory, engine: HFEngine, tmp_path: Path
+) -> None:
+    stem = make_probe(layer=2)
+    spec = DetectorSpec("linear_probe", "p", {"artifact": str(stem)})
+    no_rules = Policy(name="none", description="", rules=(), source="<test>")
+    pipeline = Pipeline(engine, [spec], no_rules, metrics=Metrics(CollectorRegistry()), base_dir=tmp_path)
+    for path in (stem.with_suffix(".json"), stem.with_suffix(".safetensors")):
+        path.unlink()  # each stream's detector is built from what the pipeline loaded
+    first, second = [await pipeline.teacher_force(MESSAGES, TEXT).run() for _ in range(2)]
+    assert first.detections and [d.score for d in first.detections] == [d.score for d in second.detections]
+    assert {e.kind for d in first.detections for e in d.evidence} == {"probe"}

@@ -7,16 +7,14 @@ import dataclasses
 import datetime as dt
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 from monitor.policy import PolicyError, parse_policy
 from monitor.policy.model import conditions_of
-from monitor.types import Detection, Transcript
+from monitor.types import Detection, EvidenceKind, Transcript
 
 SHADES = 10
 """Shade levels above 0; CSS classes s0 (no shade) .. s10 (strongest)."""
-
-EvidenceKind = Literal["judge", "triage", "unavailable", "sae", "other"]
 
 
 @dataclass(frozen=True)
@@ -123,7 +121,7 @@ def default_detector(t: Transcript) -> str | None:
 
 
 def judge_quotes(t: Transcript) -> list[str]:
-    return [q for d in t.detections for e in d.evidence if e.label.startswith("judge:") for q in e.quotes]
+    return [q for d in t.detections for e in d.evidence if e.kind == "judge" for q in e.quotes]
 
 
 def token_views(t: Transcript, detector: str | None) -> tuple[list[TokenView], list[TokenView]]:
@@ -141,21 +139,8 @@ def token_views(t: Transcript, detector: str | None) -> tuple[list[TokenView], l
     ]
 
 
-def evidence_kind(label: str, detail: str, detector_kind: str) -> EvidenceKind:
-    if label.startswith("judge:"):
-        return "judge"
-    if label.startswith("triage:"):
-        return "triage"
-    if label == "judge unavailable":
-        return "unavailable"
-    if detector_kind == "sae_features" or label.startswith("SAE feature") or detail.startswith("SAE feature"):
-        return "sae"
-    return "other"
-
-
 def evidence_views(t: Transcript) -> list[EvidenceView]:
     """Every distinct (detector, label, detail, quotes), with its strongest detection and a count."""
-    kinds = {s.name: s.kind for s in t.detector_specs}
     seen: dict[tuple[str, str, str, tuple[str, ...]], EvidenceView] = {}
     for d in t.detections:
         for e in d.evidence:
@@ -163,9 +148,8 @@ def evidence_views(t: Transcript) -> list[EvidenceView]:
             before = seen.get(key)
             count = before.count + 1 if before else 1
             if before is None or d.score > before.score:
-                kind = evidence_kind(e.label, e.detail, kinds.get(d.detector, ""))
                 span = (d.score, d.start, d.end, count)
-                seen[key] = EvidenceView(d.detector, kind, d.category, e.label, e.detail, e.quotes, *span)
+                seen[key] = EvidenceView(d.detector, e.kind, d.category, e.label, e.detail, e.quotes, *span)
             else:
                 seen[key] = dataclasses.replace(before, count=count)
     return list(seen.values())
@@ -176,7 +160,7 @@ def evidence_sections(t: Transcript, limit: int = 50) -> Iterator[tuple[str, lis
     views = evidence_views(t)
     judge = sorted((v for v in views if v.kind in ("judge", "triage", "unavailable")), key=lambda v: (v.start, v.label))
     sae = sorted((v for v in views if v.kind == "sae"), key=lambda v: -v.score)
-    other = sorted((v for v in views if v.kind == "other"), key=lambda v: -v.score)
+    other = sorted((v for v in views if v.kind in ("probe", "other")), key=lambda v: -v.score)
     for title, group in (("LLM judge", judge), ("SAE features", sae), ("Other evidence", other)):
         if group:
             yield title, group[:limit], max(0, len(group) - limit)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.store import TranscriptStore, transcript_from_dict
-from monitor.types import ChatMessage, DetectorSpec, GenerationRequest
+from monitor.types import ChatMessage, Detection, DetectorSpec, Evidence, GenerationRequest
 
 RULE = {
     "name": "early",
@@ -72,6 +73,18 @@ def test_show_prints_the_session(filled: tuple[str, list[str]]) -> None:
     assert as_json["session_id"] == flagged and len(as_json["steps"]) == 30
     missing = _run("transcripts", "show", "nope", "--store", url)
     assert missing.exit_code == 1 and "'nope' is not in the store" in missing.output
+
+
+def test_show_prints_the_judges_evidence_told_apart_by_its_kind(filled: tuple[str, list[str]]) -> None:
+    url, (flagged, _) = filled
+    judged = Detection("cot_judge", "deception", 0.9, 0, 5, (Evidence("deception", "Plans to lie.", ("count",), "judge"),))
+    namesake = Detection("p", "deception", 0.8, 0, 1, (Evidence("judge: a probe's own label", "Not the judge."),))
+    with TranscriptStore(url, keep="all") as store:
+        stored = store.get(flagged)
+        assert stored is not None
+        store.save(dataclasses.replace(stored, session_id="judged", detections=(*stored.detections, judged, namesake)))
+    shown = _run("transcripts", "show", "judged", "--store", url).output
+    assert "Plans to lie." in shown and "> count" in shown and "Not the judge." not in shown
 
 
 def test_export_writes_jsonl_that_reads_back_as_the_stored_sessions(filled: tuple[str, list[str]], tmp_path: Path) -> None:

@@ -145,7 +145,9 @@ def test_the_list_filters_like_the_sessions_api(viewer: Any) -> None:
 def test_the_judges_rationale_and_quotes_show_and_the_quotes_are_highlighted_in_the_cot(viewer: Any) -> None:
     stored = viewer.store.get(viewer.ids["flagged-xss"])
     rationale = "It plans to hide the failed deployment from the user."
-    judged = Detection("judge", "deception", 0.93, 0, 10, (Evidence("judge: deception", rationale, ("Maybe I can hide that.",)),))
+    judged = Detection(
+        "judge", "deception", 0.93, 0, 10, (Evidence("judge: deception", rationale, ("Maybe I can hide that.",), "judge"),)
+    )
     viewer.store.save(dataclasses.replace(stored, session_id="judged", detections=(*stored.detections, judged)))
     html = get(viewer, "/ui/sessions/judged").text
     assert "LLM judge" in html and rationale in html and '<blockquote class="quote">Maybe I can hide that.</blockquote>' in html
