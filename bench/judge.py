@@ -32,10 +32,10 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from monitor.build import NO_RULES
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
-from monitor.server.serve import NO_RULES
 from monitor.testing import ScriptedJudge
 from monitor.types import ChatMessage, DetectorSpec, Transcript
 

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from monitor.build import build_engine
 from monitor.engine.base import EngineError
 from monitor.engine.selftest import selftest
 from monitor.engine.vllm import VLLMEngine, require_vllm
-from monitor.server.serve import build_engine
 from monitor.settings import Settings
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout
 

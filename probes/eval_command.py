@@ -106,10 +106,10 @@ def eval_command(
     from rich.console import Console
     from rich.progress import Progress
 
+    from monitor.build import load_reader
     from monitor.detector import DetectorError, default_registry
     from monitor.engine.base import EngineError
     from monitor.observability import logging_to
-    from monitor.server.serve import load_reader
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError, load_labelled_file
     from probes.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc

@@ -30,6 +30,7 @@ from rich.progress import Progress
 from rich.table import Table
 from sklearn.metrics import roc_auc_score
 
+from monitor.build import load_reader, open_store, probe_specs
 from monitor.engine.hf import HFEngine
 from monitor.engine.models import KNOWN_MODELS
 from monitor.engine.tiny import TINY_ID
@@ -37,7 +38,6 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import load_policy
 from monitor.server.app import create_app
-from monitor.server.serve import load_reader, open_store, probe_specs
 from monitor.settings import Settings
 from monitor.testing import ServerThread
 from monitor.types import ChatMessage

@@ -218,8 +218,8 @@ def prepare(model: str | None, no_probes: bool) -> None:
     <data dir>/probes. The container image runs it at build time with COTMON_DATA_DIR=/opt/cotmon
     and serves that folder read-only as COTMON_PREBUILT_DIR, so a container starts monitoring at once.
     """
+    from monitor.build import load_reader, resolve_probes
     from monitor.engine.base import EngineError
-    from monitor.server.serve import load_reader, resolve_probes
     from monitor.settings import Settings, SettingsError
 
     try:

@@ -14,10 +14,10 @@ import pytest
 from click.testing import CliRunner
 
 from conftest import ProbeFactory, counting_forwards
+from monitor.build import NO_RULES
 from monitor.cli import main
 from monitor.engine.hf import HFEngine
 from monitor.pipeline import Pipeline
-from monitor.server.serve import NO_RULES
 from monitor.types import ChatMessage, DetectorSpec
 from probes.datasets import NO_PROMPT, LabelledText
 from probes.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, score_items, summarise, threshold_for
