@@ -1,7 +1,7 @@
 """`cotmon eval`: measure detectors on a labelled dataset file, through the live pipeline.
 
 This module holds only the command and its options, so `cotmon --help` stays fast; the work
-is in `probes.evaluate`, imported when the command runs.
+is in `apps.evaluate`, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import click
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from probes.evaluate import Report
+    from apps.evaluate import Report
 
 SPEC_HELP = (
     "A detector to evaluate (repeatable): a probe artifact path (NAME or NAME.json, next to NAME.safetensors; "
@@ -26,7 +26,7 @@ SPEC_HELP = (
 
 
 def _aggregate(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from probes.evaluate import check_aggregate
+    from apps.evaluate import check_aggregate
 
     try:
         return check_aggregate(value)
@@ -106,13 +106,13 @@ def eval_command(
     from rich.console import Console
     from rich.progress import Progress
 
+    from apps.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
     from monitor.build import load_reader
     from monitor.detector import DetectorError, default_registry
     from monitor.engine.base import EngineError
     from monitor.observability import logging_to
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError, load_labelled_file
-    from probes.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
 
     width = None if sys.stdout.isatty() else 150
     console = Console(highlight=False, width=width, stderr=as_json)

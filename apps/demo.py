@@ -1,7 +1,7 @@
 """`cotmon demo`: the whole monitoring loop on the embedded real model (smollm2), on a CPU.
 
 This module holds only the command and its options, so `cotmon --help` stays fast; the work
-(model, training, pipeline) is in `probes.showcase`, imported when the command runs.
+(model, training, pipeline) is in `apps.showcase`, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -62,13 +62,13 @@ def demo(
     """
     from rich.console import Console
 
+    from apps.showcase import run
     from monitor.detector import DetectorError
     from monitor.engine.base import EngineError
     from monitor.observability import logging_to
     from monitor.policy import PolicyError
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError
-    from probes.showcase import run
 
     try:
         settings = Settings.load(model=model, device=device, dtype=dtype, seed=seed, data_dir=data_dir)
