@@ -13,6 +13,8 @@ from typing import TYPE_CHECKING
 
 import click
 
+from monitor.options import setting_options
+
 if TYPE_CHECKING:
     from rich.console import Console
 
@@ -65,11 +67,7 @@ def _aggregate(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "{stat: mean, window: 16, min_scores: 16, gte: calibrated} would flag; items shorter than N are unscored.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
-@click.option(
-    "--model", default=None, help="smollm2 [default: the embedded real model], a .gguf file, a hub id or local path, or tiny."
-)
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@setting_options("model", "device", "dtype")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [.cotmon/eval].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout (progress goes to stderr).")
 def eval_command(

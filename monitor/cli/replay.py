@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from monitor.cli.store_options import filter_options, open_store, session_query, store_option
+from monitor.options import setting_options
 
 TINY_REVISION = re.compile(r"^seed(-?\d+)-")
 
@@ -35,8 +36,7 @@ TINY_REVISION = re.compile(r"^seed(-?\d+)-")
 )
 @click.option("--policy-only", is_flag=True, help="Re-run only the policy, over the stored detections: no model, no detectors.")
 @click.option("--model", default=None, help="Model to teacher-force with [the session's model id].")
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@setting_options("device", "dtype")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @store_option
 @filter_options

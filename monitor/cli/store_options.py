@@ -7,19 +7,15 @@ from typing import Any
 
 import click
 
+from monitor.options import setting_option
 from monitor.types import OUTCOMES, SEVERITIES
 
 F = Callable[..., Any]
 
 
 def store_option(f: F) -> F:
-    return click.option(
-        "--store",
-        "store_url",
-        default=None,
-        metavar="URL",
-        help="Transcript store URL [COTMON_STORE_URL, else SQLite at <COTMON_DATA_DIR or .cotmon>/transcripts.db].",
-    )(f)
+    """--store: the store_url setting."""
+    return setting_option("store_url", "--store", metavar="URL")(f)
 
 
 def filter_options(f: F) -> F:
