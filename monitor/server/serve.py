@@ -7,7 +7,6 @@ import gc
 from pathlib import Path
 
 import uvicorn
-from fastapi import FastAPI
 
 from monitor.build import build_service, load_reader
 from monitor.engine.base import Engine, EngineError
@@ -16,17 +15,13 @@ from monitor.server.app import create_app
 from monitor.settings import Settings
 
 
-def build_app(settings: Settings, default_policy: Path) -> FastAPI:
-    """The API over the process `monitor.build` composes from the settings."""
-    service = build_service(settings, default_policy)
-    return create_app(settings, service.pipeline, store=service.store, spool=service.spool, model_name=service.model_name)
-
-
 def serve(settings: Settings, default_policy: Path) -> None:
     """Run the API until SIGTERM/SIGINT; in-flight streams get `drain_seconds` to finish. The vllm
     engine's self-test runs first, on the same event loop as the server (vLLM's output handler
     stays on the loop that first used it)."""
-    app = build_app(settings, default_policy)
+    service = build_service(settings, default_policy)
+    pipeline, spool = service.pipeline, service.spool
+    app = create_app(settings, pipeline, store=service.store, spool=spool, model_name=service.model_name)
     log = get_logger("cotmon.server")
     config = uvicorn.Config(
         app,
@@ -36,12 +31,11 @@ def serve(settings: Settings, default_policy: Path) -> None:
         timeout_graceful_shutdown=int(settings.drain_seconds),
         access_log=False,
     )
-    engine = app.state.cotmon.pipeline.engine
+    engine = pipeline.engine
 
     async def main() -> None:
         if settings.engine == "vllm" and settings.vllm_selftest:
             await check_vllm_readouts(settings, engine)
-        pipeline = app.state.cotmon.pipeline
         detectors = [spec.name for spec in pipeline.specs]
         if not detectors:
             log.warning(
@@ -67,9 +61,7 @@ def serve(settings: Settings, default_policy: Path) -> None:
     try:
         asyncio.run(main())
     finally:
-        spool = app.state.cotmon.spool
-        if spool is not None:  # what the store has not taken yet stays spooled for the next start
-            spool.close(drain=settings.drain_seconds)
+        spool.close(drain=settings.drain_seconds)  # what the store has not taken yet stays spooled for the next start
         if hasattr(engine, "close"):
             engine.close()
 
