@@ -202,10 +202,11 @@ class Service:
         return self.settings.served_model_name or self.settings.model
 
 
-def build_service(settings: Settings, default_policy: Path) -> Service:
-    """The whole serving process but its HTTP app: store, metrics, spool, then the pipeline."""
+def build_service(settings: Settings, default_policy: Path, *, metrics: Metrics | None = None) -> Service:
+    """The whole serving process but its HTTP app: store, spool, then the pipeline; `metrics` on the
+    process-wide registry unless given."""
     store = open_store(settings)
-    metrics = default_metrics()
+    metrics = metrics or default_metrics()
     spool = open_spool(settings, store, metrics)
     pipeline = build_pipeline(settings, default_policy, metrics=metrics, store=spool)
     return Service(settings, pipeline, store, spool, metrics)
