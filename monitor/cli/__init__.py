@@ -1,8 +1,9 @@
 """`cotmon`: the command line.
 
-Commands that live in plugin packages (`demo`, and later `probes`, `eval`) are found through the
-`cotmon.commands` entry point group and imported only when run, so `monitor` never imports
-`probes` or `detectors` and `cotmon --help` stays fast.
+Commands that live in other packages (the applications' `demo` and `eval`, the plugins' `probes`
+and `sae`) are found through the `cotmon.commands` entry point group and imported only when run,
+so `monitor` never imports `apps`, `probes` or `detectors` and `cotmon --help` stays fast. Options
+that set a setting are made from its `Settings` field (`monitor.options`).
 """
 
 from __future__ import annotations
