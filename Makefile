@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 	$(BIN)/cotmon demo
 
 lint: $(VENV)/.installed
-	$(BIN)/ruff check monitor probes detectors policies tests bench
+	$(BIN)/ruff check monitor probes detectors policies apps tests bench
 	$(BIN)/mypy monitor
 	$(BIN)/lint-imports
 

@@ -22,11 +22,10 @@ import argparse
 import statistics
 import time
 from collections.abc import Sequence
-from pathlib import Path
 from unittest.mock import patch
 
 import torch
-from overhead import realistic_engine  # bench/overhead.py: the script's own directory is on sys.path
+from overhead import load_engine, realistic_engine  # bench/overhead.py: the script's own directory is on sys.path
 from rich.console import Console
 from rich.table import Table
 
@@ -34,8 +33,6 @@ from monitor.engine.hf import HFEngine
 from monitor.engine.models import resolve_dtype
 from probes import train
 from probes.datasets import LabelledText, load_contrast
-
-MODELS = Path(".cotmon/models")  # where `make demo` and the tests cache the dequantised model
 
 
 def extract_pass(engine: HFEngine, items: Sequence[LabelledText], layers: Sequence[int], batch: int) -> int:
@@ -91,14 +88,14 @@ def main() -> None:
     dtype = resolve_dtype(args.dtype, torch.device(args.device))
     items = load_contrast("deception")[: args.items]
     engines = [
-        ("tiny", HFEngine.load("tiny", device=args.device, dtype=str(dtype).removeprefix("torch."))),
+        ("tiny", load_engine("tiny", args.device, dtype)),
         *(
             []
             if args.no_real
             else [
                 (
                     "smollm2 (real)",
-                    HFEngine.load("smollm2", device=args.device, dtype=str(dtype).removeprefix("torch."), models_dir=MODELS),
+                    load_engine("smollm2", args.device, dtype),
                 )
             ]
         ),

@@ -32,10 +32,11 @@ from rich.console import Console
 from rich.progress import track
 from rich.table import Table
 
+from monitor.build import NO_RULES, load_reader
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
-from monitor.server.serve import NO_RULES
+from monitor.settings import Settings
 from monitor.testing import ScriptedJudge
 from monitor.types import ChatMessage, DetectorSpec, Transcript
 
@@ -87,7 +88,7 @@ def main() -> None:
     o = parser.parse_args()
     console = Console()
     items = [json.loads(line) for line in EXAMPLES.read_text().splitlines() if line.strip()]
-    engine = HFEngine.load("tiny")
+    engine = load_reader(Settings.load({}, model="tiny", device="cpu"))
     label = {"now": ""}
     started = time.perf_counter()
     with ScriptedJudge(oracle(label)) as judge:

@@ -18,20 +18,26 @@ import asyncio
 import itertools
 import statistics
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from rich.console import Console
 from rich.table import Table
 
+from monitor.build import load_reader
 from monitor.engine.hf import HFEngine
 from monitor.engine.readout import ReadoutPlan
 from monitor.engine.tiny import build_model, build_tiny_tokenizer, tiny_config
+from monitor.settings import Settings
 from monitor.types import ChatMessage, GenerationRequest, ModelInfo, Readout
 
-MODELS = Path(".cotmon/models")  # where `make demo` and the tests cache the dequantised model
 PROMPT = (ChatMessage("user", "Plan the database migration and report whether the tests passed."),)
+
+
+def load_engine(model: str, device: str, dtype: torch.dtype) -> HFEngine:
+    """`model` as `cotmon serve` loads it (smollm2 from the dequantised cache under .cotmon/models, where
+    `make demo` and the tests leave it)."""
+    return load_reader(Settings.load({}, model=model, device=device, dtype=str(dtype).removeprefix("torch.")))
 
 
 def realistic_engine(d_model: int, n_layers: int, device: str, dtype: torch.dtype) -> HFEngine:
@@ -111,10 +117,10 @@ def main() -> None:
     args = parser.parse_args()
     dtype = torch.float32 if args.device == "cpu" else torch.bfloat16
     load = {
-        "tiny": lambda: ("tiny", HFEngine.load("tiny", device=args.device, dtype=str(dtype).removeprefix("torch."))),
+        "tiny": lambda: ("tiny", load_engine("tiny", args.device, dtype)),
         "smollm2": lambda: (
             "smollm2 (real)",
-            HFEngine.load("smollm2", device=args.device, dtype=str(dtype).removeprefix("torch."), models_dir=MODELS),
+            load_engine("smollm2", args.device, dtype),
         ),
         "random": lambda: (
             f"random d_model={args.d_model}",

@@ -41,12 +41,10 @@ from prometheus_client import CollectorRegistry
 from rich.console import Console
 from rich.table import Table
 
+from monitor.build import build_pipeline, load_reader
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics, configure_logging
-from monitor.pipeline import Pipeline
-from monitor.policy import load_policy
 from monitor.server.app import create_app
-from monitor.server.serve import NO_RULES, probe_specs
 from monitor.settings import Settings
 from monitor.testing import ServerThread
 from monitor.types import ModelInfo
@@ -112,16 +110,17 @@ def weights_read_per_step(engine: HFEngine) -> int:
 
 def start_server(stack: ExitStack, args: argparse.Namespace, monitored: bool, tmp: Path) -> tuple[str, HFEngine]:
     """A server for one mode on its own engine and metrics registry; its base URL and engine."""
-    engine = HFEngine.load(args.model, device=args.device)
-    engine.batching = args.batching
     probes = tmp / "probes"
+    # the default data dir holds the model cache (.cotmon/models, as `make demo` and the tests leave it)
+    settings = Settings.load({}, model=args.model, device=args.device, max_concurrent=64, probes=probes if monitored else "none")
+    engine = load_reader(settings)
+    engine.batching = args.batching
     if monitored:
         write_probes(probes, engine.info)
-    specs = probe_specs(probes) if monitored else []
-    policy = load_policy(bundled_policy("default")) if monitored else NO_RULES
-    settings = Settings.load({}, data_dir=tmp / ("on" if monitored else "off"), max_concurrent=64)
-    pipeline = Pipeline(engine, specs, policy, metrics=Metrics(CollectorRegistry()))
-    return stack.enter_context(ServerThread(create_app(settings, pipeline, model_name="bench"))).base_url, engine
+    # probes, if any, with the bundled default policy; else no rules
+    pipeline = build_pipeline(settings, bundled_policy("default"), metrics=Metrics(CollectorRegistry()), engine=engine)
+    app = create_app(settings.model_copy(update={"data_dir": tmp / ("on" if monitored else "off")}), pipeline, model_name="bench")
+    return stack.enter_context(ServerThread(app)).base_url, engine
 
 
 async def one_request(client: AsyncOpenAI, tokens: int) -> tuple[float | None, int, bool]:

@@ -34,10 +34,10 @@ from typing import Any
 
 import numpy as np
 
+from monitor.build import build_engine, load_reader
 from monitor.engine.base import EngineError
 from monitor.engine.selftest import selftest
 from monitor.engine.vllm import VLLMEngine, require_vllm
-from monitor.server.serve import build_engine
 from monitor.settings import Settings
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, Readout
 
@@ -68,9 +68,9 @@ def probe_readouts(directory: Path, engine: VLLMEngine) -> list[AnyReadout]:
     return out
 
 
-def engine_for(args: argparse.Namespace) -> VLLMEngine:
-    """The vllm engine exactly as `cotmon serve --engine vllm` builds it from these settings."""
-    settings = Settings.load(
+def settings_for(args: argparse.Namespace) -> Settings:
+    """`cotmon serve --engine vllm`'s settings for these options."""
+    return Settings.load(
         {},
         engine="vllm",
         model=args.model,
@@ -80,20 +80,23 @@ def engine_for(args: argparse.Namespace) -> VLLMEngine:
         max_model_len=args.max_model_len,
         vllm_capture=args.capture,
     )
-    engine = build_engine(settings)[0]
+
+
+def engine_for(args: argparse.Namespace) -> VLLMEngine:
+    """The vllm engine exactly as `cotmon serve --engine vllm` builds it from these settings."""
+    engine = build_engine(settings_for(args))[0]
     assert isinstance(engine, VLLMEngine)
     return engine
 
 
 async def run_selftest(args: argparse.Namespace) -> int:
-    from monitor.engine.hf import HFEngine
 
     engine = engine_for(args)
     readouts = probe_readouts(args.probes, engine) if args.probes else random_readouts(engine.info, args.columns)
     engine.install(readouts)
     try:
         print(f"self-test: {len(readouts)} readouts on layers {sorted({r.layer for r in readouts})}, capture={args.capture}")
-        reference = HFEngine.load(args.model, device="cpu", dtype="float32")
+        reference = load_reader(settings_for(args), device="cpu", dtype="float32")
         reference.install(readouts)
         report = await selftest(engine, reference)
         print(report.table())

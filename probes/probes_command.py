@@ -7,6 +7,8 @@ from pathlib import Path
 
 import click
 
+from monitor.options import setting_option, setting_options
+
 
 @click.group()
 def probes() -> None:
@@ -14,9 +16,7 @@ def probes() -> None:
 
 
 @probes.command("train")
-@click.option(
-    "--model", default=None, help="smollm2 (the embedded real model), a .gguf file, a hub id or local path, or tiny [smollm2]."
-)
+@setting_option("model")
 @click.option(
     "--dataset",
     required=True,
@@ -52,9 +52,7 @@ def probes() -> None:
     default=None,
     help="Cache folder: extracted activations (resumable) and generated benign text [.cotmon].",
 )
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
-@click.option("--seed", type=int, default=None, help="Seed of the split and of the tiny model.")
+@setting_options("device", "dtype", "seed")
 def train(**o: object) -> None:
     """Train a probe: extract activations, fit per layer, pick the best, calibrate, save.
 

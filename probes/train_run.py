@@ -13,8 +13,8 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from monitor.build import load_reader
 from monitor.engine.hf import HFEngine
-from monitor.server.serve import load_reader
 from monitor.settings import Settings
 from probes.calibrate import STATISTICS, calibrate_on_policy, rate_interval
 from probes.datasets import LabelledText, examples_as_training, load_contrast, load_examples, load_labelled_file, load_texts

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.build import NO_RULES, open_spool, open_store
 from monitor.engine.base import Engine
 from monitor.engine.batching import PromptCache
 from monitor.engine.hf import HFEngine
@@ -25,9 +26,7 @@ from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
 from monitor.server.app import create_app
-from monitor.server.serve import NO_RULES, open_spool
 from monitor.settings import Settings
-from monitor.store import TranscriptStore
 from monitor.testing import ServerThread
 from monitor.types import DetectorSpec
 from probes.linear import LinearProbe, ProbeMetadata
@@ -201,13 +200,7 @@ def serve(tmp_path: Path, make_probe: ProbeFactory, engine: HFEngine) -> Iterato
         specs = [spec] if the_engine is engine or rules else []
         policy = parse_policy({"name": "test", "rules": rules or [NEVER]}, "test.yaml") if specs else NO_RULES
         metrics = Metrics(CollectorRegistry())
-        store = TranscriptStore.configured(
-            settings.store_url,
-            settings.data_dir,
-            keep=settings.store_keep,
-            sample_rate=settings.store_sample,
-            timeout=settings.store_timeout,
-        )
+        store = open_store(settings)
         spool = open_spool(settings, store, metrics)  # as `cotmon serve` composes it
         pipeline = Pipeline(the_engine, specs, policy, metrics=metrics, sinks=[spool])
         server_app = create_app(settings, pipeline, store=store, spool=spool, model_name="tiny")

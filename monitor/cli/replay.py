@@ -12,6 +12,7 @@ from typing import Any
 import click
 
 from monitor.cli.store_options import filter_options, open_store, session_query, store_option
+from monitor.options import setting_options
 
 TINY_REVISION = re.compile(r"^seed(-?\d+)-")
 
@@ -35,8 +36,7 @@ TINY_REVISION = re.compile(r"^seed(-?\d+)-")
 )
 @click.option("--policy-only", is_flag=True, help="Re-run only the policy, over the stored detections: no model, no detectors.")
 @click.option("--model", default=None, help="Model to teacher-force with [the session's model id].")
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@setting_options("device", "dtype")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @store_option
 @filter_options
@@ -127,8 +127,8 @@ def _load(target: str, store_url: str | None) -> list[Any]:
 
 
 def _replay_one(stored: Any, policy_only: bool, options: dict[str, Any]) -> Any:
+    from monitor.build import load_reader
     from monitor.detector import load_detector_specs
-    from monitor.engine.hf import HFEngine
     from monitor.policy import load_policy
     from monitor.replay import replay_full, replay_pipeline, replay_policy, stored_policy
     from monitor.settings import Settings
@@ -140,19 +140,16 @@ def _replay_one(stored: Any, policy_only: bool, options: dict[str, Any]) -> Any:
         policy = load_policy(policy_path, dict(stored.thresholds)) if policy_path else stored_policy(stored)
         return replay_policy(stored, policy)
     settings = Settings.load(device=options["device"], dtype=options["dtype"])
-    model_id = options["model"] or stored.model.model_id
     seed_match = TINY_REVISION.match(stored.model.revision)
     revision = None if options["model"] or stored.model.revision in ("local", "unknown") or seed_match else stored.model.revision
-    engine = HFEngine.load(
-        model_id,
-        device=settings.device,
-        dtype=settings.dtype,
-        revision=revision,
-        seed=int(seed_match.group(1)) if seed_match else settings.seed,
-        models_dir=settings.models_dir,
-        think=settings.think,
-        prebuilt_models=settings.prebuilt_models,
-    )
+    # the session's model (or --model), not the configured one: reader, revision and seed follow it
+    session_model = {
+        "model": options["model"] or stored.model.model_id,
+        "reader": None,
+        "revision": revision,
+        "seed": int(seed_match.group(1)) if seed_match else settings.seed,
+    }
+    engine = load_reader(settings.model_copy(update=session_model))
     if engine.info.revision != stored.model.revision:
         click.echo(
             f"warning: session {stored.session_id} ran on {stored.model.model_id}@{stored.model.revision}; replaying on "

@@ -7,19 +7,15 @@ from typing import Any
 
 import click
 
+from monitor.options import setting_option
 from monitor.types import OUTCOMES, SEVERITIES
 
 F = Callable[..., Any]
 
 
 def store_option(f: F) -> F:
-    return click.option(
-        "--store",
-        "store_url",
-        default=None,
-        metavar="URL",
-        help="Transcript store URL [COTMON_STORE_URL, else SQLite at <COTMON_DATA_DIR or .cotmon>/transcripts.db].",
-    )(f)
+    """--store: the store_url setting."""
+    return setting_option("store_url", "--store", metavar="URL")(f)
 
 
 def filter_options(f: F) -> F:
@@ -61,11 +57,11 @@ def session_query(options: dict[str, Any], limit: int | None, offset: int = 0) -
 
 def open_store(store_url: str | None) -> Any:
     """The transcript store the options and settings name; ClickException when it cannot be opened."""
+    from monitor.build import open_store as configured_store
     from monitor.settings import Settings, SettingsError
-    from monitor.store import StoreError, TranscriptStore
+    from monitor.store import StoreError
 
     try:
-        settings = Settings.load(store_url=store_url)
-        return TranscriptStore.configured(settings.store_url, settings.data_dir)
+        return configured_store(Settings.load(store_url=store_url))
     except (SettingsError, StoreError) as exc:
         raise click.ClickException(str(exc)) from None

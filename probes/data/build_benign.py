@@ -186,11 +186,12 @@ def build_prompts(data: Path, holdout: Path) -> None:
 def generate(model: str, out: Path | None, holdout: Path) -> None:
     from rich.progress import Progress
 
-    from monitor.engine.hf import HFEngine
+    from monitor.build import load_reader
+    from monitor.settings import Settings
     from probes.datasets import load_benign_prompts
     from probes.onpolicy import generate_benign, write_jsonl
 
-    engine = HFEngine.load(model, models_dir=REPO_ROOT / ".cotmon" / "models")
+    engine = load_reader(Settings.load({}, model=model, device="cpu", data_dir=REPO_ROOT / ".cotmon"))
     prompts = [(p.id, p.messages, p.source) for p in load_benign_prompts()]
     started = time.perf_counter()
     with Progress() as bar:

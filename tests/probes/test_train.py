@@ -10,9 +10,9 @@ import pytest
 from click.testing import CliRunner
 from sklearn.metrics import roc_auc_score
 
+from monitor.build import AUTO, build_pipeline, resolve_probes
 from monitor.cli import main
 from monitor.engine.hf import HFEngine
-from monitor.server.serve import AUTO, build_pipeline, resolve_probes
 from monitor.settings import Settings
 from policies import bundled_policy
 from probes.datasets import load_contrast

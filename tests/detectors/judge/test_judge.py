@@ -14,13 +14,13 @@ from click.testing import CliRunner
 from prometheus_client import CollectorRegistry
 
 from detectors.judge.triage import load_triage
+from monitor.build import NO_RULES
 from monitor.cli import main
 from monitor.engine.base import Engine
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
-from monitor.server.serve import NO_RULES
 from monitor.testing import JudgeReply, ScriptedEngine, ScriptedJudge
 from monitor.types import ChatMessage, DetectorSpec, GenerationRequest
 

@@ -18,13 +18,13 @@ from detectors.sae.detector import SAEFeatureDetector
 from detectors.sae.formats import load_sae
 from detectors.sae.model import SAE, SAEError
 from detectors.sae.readouts import watched_readouts, watched_values
+from monitor.build import build_pipeline
 from monitor.cli import main
 from monitor.detector import DetectorContext, DetectorError
 from monitor.engine.hf import HFEngine
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import parse_policy
-from monitor.server.serve import build_pipeline
 from monitor.settings import Settings
 from monitor.types import ChatMessage, DetectorSpec, DeviceReadout, Readout
 from policies import bundled_policy

@@ -219,7 +219,7 @@ async def test_readouts_that_never_come_fail_the_stream_clearly(tmp_path: Path) 
 
 def test_importing_monitor_does_not_import_vllm() -> None:
     code = (
-        "import sys, monitor, monitor.cli, monitor.server.serve, monitor.engine.vllm, monitor.engine.vllm_rows; "
+        "import sys, monitor, monitor.cli, monitor.build, monitor.server.serve, monitor.engine.vllm, monitor.engine.vllm_rows; "
         "assert 'vllm' not in sys.modules, sorted(m for m in sys.modules if m.startswith('vllm'))"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -14,10 +14,10 @@ import psycopg
 import pytest
 from prometheus_client import CollectorRegistry
 
+from monitor.build import NO_RULES
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
-from monitor.server.serve import NO_RULES
 from monitor.settings import Settings
 from monitor.store import TranscriptStore
 from monitor.testing import ScriptedEngine, ServerThread

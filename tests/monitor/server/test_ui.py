@@ -18,10 +18,10 @@ import yaml
 
 from component_fixtures import require
 from conftest import NEVER, Serve
+from monitor.build import NO_RULES
 from monitor.pipeline import Pipeline
 from monitor.server.app import create_app
 from monitor.server.logins import LoginThrottle, LoginTokens
-from monitor.server.serve import NO_RULES
 from monitor.server.ui.render import default_detector, quote_marks, shade, token_scores
 from monitor.settings import Settings
 from monitor.testing import ServerThread

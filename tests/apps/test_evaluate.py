@@ -1,4 +1,4 @@
-"""`cotmon eval` and probes.evaluate: metrics against hand computations, scores against the host reference."""
+"""`cotmon eval` and apps.evaluate: metrics against hand computations, scores against the host reference."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from apps.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, score_items, summarise, threshold_for
 from conftest import ProbeFactory, counting_forwards
+from monitor.build import NO_RULES
 from monitor.cli import main
 from monitor.engine.hf import HFEngine
 from monitor.pipeline import Pipeline
-from monitor.server.serve import NO_RULES
 from monitor.types import ChatMessage, DetectorSpec
 from probes.datasets import NO_PROMPT, LabelledText
-from probes.evaluate import DatasetRef, ItemScore, evaluate, reduce_scores, score_items, summarise, threshold_for
 from probes.linear import load_probe
 
 TEXTS = (

@@ -1,7 +1,7 @@
 """`cotmon demo`: the whole monitoring loop on the embedded real model (smollm2), on a CPU.
 
 This module holds only the command and its options, so `cotmon --help` stays fast; the work
-(model, training, pipeline) is in `probes.showcase`, imported when the command runs.
+(model, training, pipeline) is in `apps.showcase`, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -11,17 +11,11 @@ from pathlib import Path
 
 import click
 
+from monitor.options import setting_option, setting_options
+
 
 @click.command()
-@click.option(
-    "--model",
-    default=None,
-    help="smollm2 [default: the embedded real model], a .gguf file, a hub id or local path of a causal LM, "
-    "or tiny (random weights: plumbing only).",
-)
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
-@click.option("--seed", type=int, default=None, help="Seed of the tiny model, the data split and sampling.")
+@setting_options("model", "device", "dtype", "seed")
 @click.option("--layers", default=None, help="Comma-separated layers to try for the probes; default: a few middle layers.")
 @click.option(
     "--contrast-limit",
@@ -36,7 +30,7 @@ import click
     default=None,
     help="Calibrate on this many benign prompts' sessions instead of all 600 (quicker, coarser thresholds).",
 )
-@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None, help="Output directory [.cotmon].")
+@setting_option("data_dir", "--out")
 @click.option("--exit", "exit_when_done", is_flag=True, help="Return when done, without the what-to-try-next notes.")
 def demo(
     model: str | None,
@@ -62,13 +56,13 @@ def demo(
     """
     from rich.console import Console
 
+    from apps.showcase import run
     from monitor.detector import DetectorError
     from monitor.engine.base import EngineError
     from monitor.observability import logging_to
     from monitor.policy import PolicyError
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError
-    from probes.showcase import run
 
     try:
         settings = Settings.load(model=model, device=device, dtype=dtype, seed=seed, data_dir=data_dir)

@@ -25,13 +25,13 @@ from matplotlib.figure import Figure
 from prometheus_client import CollectorRegistry
 from sklearn.metrics import roc_auc_score, roc_curve
 
+from monitor.build import NO_RULES
 from monitor.detector import DetectorError, DetectorRegistry
 from monitor.engine.base import Engine
 from monitor.engine.text import THINK_OPEN
 from monitor.observability import Metrics
 from monitor.pipeline import Pipeline
 from monitor.policy import Condition, calibrated_bound, statistic_thresholds
-from monitor.server.serve import NO_RULES
 from monitor.types import DetectorSpec, Transcript
 from probes.calibrate import parse_statistic, peaks
 from probes.datasets import NO_PROMPT, LabelledText

@@ -30,14 +30,12 @@ from rich.progress import Progress
 from rich.table import Table
 from sklearn.metrics import roc_auc_score
 
+from monitor.build import build_pipeline, load_reader, open_store, probe_specs
 from monitor.engine.hf import HFEngine
 from monitor.engine.models import KNOWN_MODELS
 from monitor.engine.tiny import TINY_ID
 from monitor.observability import Metrics
-from monitor.pipeline import Pipeline
-from monitor.policy import load_policy
 from monitor.server.app import create_app
-from monitor.server.serve import load_reader, open_store, probe_specs
 from monitor.settings import Settings
 from monitor.testing import ServerThread
 from monitor.types import ChatMessage
@@ -94,9 +92,8 @@ async def _run(
 
     registry = CollectorRegistry()
     metrics = Metrics(registry)
-    policy_path = settings.policy or bundled_policy("default")
     store = open_store(settings, keep="all")  # each run adds its sessions (labelled with the example ids)
-    pipeline = Pipeline(engine, specs, load_policy(policy_path), metrics=metrics, sinks=[store])
+    pipeline = build_pipeline(settings, bundled_policy("default"), metrics=metrics, store=store, engine=engine, probes=directory)
     app = create_app(settings, pipeline, store=store, metrics=metrics, model_name=info.model_id)
     with store, ServerThread(app) as server:
         console.print(

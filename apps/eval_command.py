@@ -1,7 +1,7 @@
 """`cotmon eval`: measure detectors on a labelled dataset file, through the live pipeline.
 
 This module holds only the command and its options, so `cotmon --help` stays fast; the work
-is in `probes.evaluate`, imported when the command runs.
+is in `apps.evaluate`, imported when the command runs.
 """
 
 from __future__ import annotations
@@ -13,10 +13,12 @@ from typing import TYPE_CHECKING
 
 import click
 
+from monitor.options import setting_options
+
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from probes.evaluate import Report
+    from apps.evaluate import Report
 
 SPEC_HELP = (
     "A detector to evaluate (repeatable): a probe artifact path (NAME or NAME.json, next to NAME.safetensors; "
@@ -26,7 +28,7 @@ SPEC_HELP = (
 
 
 def _aggregate(ctx: click.Context, param: click.Parameter, value: str) -> str:
-    from probes.evaluate import check_aggregate
+    from apps.evaluate import check_aggregate
 
     try:
         return check_aggregate(value)
@@ -65,11 +67,7 @@ def _aggregate(ctx: click.Context, param: click.Parameter, value: str) -> str:
     "{stat: mean, window: 16, min_scores: 16, gte: calibrated} would flag; items shorter than N are unscored.",
 )
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Evaluate only the first N rows.")
-@click.option(
-    "--model", default=None, help="smollm2 [default: the embedded real model], a .gguf file, a hub id or local path, or tiny."
-)
-@click.option("--device", default=None, help="auto, cpu, cuda, ...")
-@click.option("--dtype", default=None, help="auto, float32, bfloat16, float16.")
+@setting_options("model", "device", "dtype")
 @click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=None, help="Output directory [.cotmon/eval].")
 @click.option("--json", "as_json", is_flag=True, help="Print only the JSON report on stdout (progress goes to stderr).")
 def eval_command(
@@ -106,13 +104,13 @@ def eval_command(
     from rich.console import Console
     from rich.progress import Progress
 
+    from apps.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
+    from monitor.build import load_reader
     from monitor.detector import DetectorError, default_registry
     from monitor.engine.base import EngineError
     from monitor.observability import logging_to
-    from monitor.server.serve import load_reader
     from monitor.settings import Settings, SettingsError
     from probes.datasets import DatasetError, load_labelled_file
-    from probes.evaluate import DatasetRef, EvaluationError, evaluate, parse_detector_spec, plot_roc
 
     width = None if sys.stdout.isatty() else 150
     console = Console(highlight=False, width=width, stderr=as_json)
