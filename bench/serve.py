@@ -64,6 +64,9 @@ class Cell:
     ttfts: list[float] = field(default_factory=list)
     requests: int = 0
     halted: int = 0
+    steps: int = 0
+    """Decode forwards the cell's rounds ran, and the tokens they read (rows / steps = mean batch)."""
+    rows: int = 0
 
 
 def write_probes(directory: Path, info: ModelInfo) -> None:
@@ -160,7 +163,7 @@ async def run_round(client: AsyncOpenAI, cell: Cell, concurrency: int, per_clien
     cell.halted += sum(h for _, _, h in results)
 
 
-async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
+async def measure(urls: dict[str, str], engines: dict[str, HFEngine], args: argparse.Namespace) -> dict[tuple[int, str], Cell]:
     cells = {(c, mode): Cell() for c in args.concurrency for mode in MODES}
     async with (
         AsyncOpenAI(base_url=f"{urls['off']}/v1", api_key="unused", max_retries=0, timeout=600) as off,
@@ -173,7 +176,10 @@ async def measure(urls: dict[str, str], args: argparse.Namespace) -> dict[tuple[
             for r in range(args.rounds):
                 for mode in MODES if r % 2 == 0 else MODES[::-1]:  # ABBA: order effects cancel
                     cell = cells[concurrency, mode]
+                    steps, rows = engines[mode].decode_stats()
                     await run_round(clients[mode], cell, concurrency, args.requests_per_client, args.tokens)
+                    after = engines[mode].decode_stats()
+                    cell.steps, cell.rows = cell.steps + after[0] - steps, cell.rows + after[1] - rows
     return cells
 
 
@@ -201,7 +207,7 @@ def main() -> None:
     began = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp, ExitStack() as stack:
         servers = {mode: start_server(stack, args, mode == "on", Path(tmp)) for mode in MODES}
-        cells = asyncio.run(measure({mode: url for mode, (url, _) in servers.items()}, args))
+        cells = asyncio.run(measure({m: url for m, (url, _) in servers.items()}, {m: e for m, (_, e) in servers.items()}, args))
         weight_bytes = weights_read_per_step(servers["off"][1])
     bandwidth = read_bandwidth(args.device)
     table = Table(
@@ -209,7 +215,7 @@ def main() -> None:
         f"{args.requests_per_client} requests/client/round, {args.rounds} alternating rounds, "
         f"batching {'on' if args.batching else 'off'}"
     )
-    columns = ("concurrency", "monitoring", "requests", "tok/s total", "p50 TTFT ms", "p99 TTFT ms", "on/off tok/s")
+    columns = ("concurrency", "monitoring", "requests", "tok/s total", "p50 TTFT ms", "p99 TTFT ms", "on/off tok/s", "rows/step")
     for col in columns:
         table.add_column(col, justify="right")
     rows = []
@@ -219,12 +225,15 @@ def main() -> None:
             rate = statistics.median(cell.rates)
             p50, p99 = np.percentile(cell.ttfts, [50, 99]) * 1000 if cell.ttfts else (float("nan"),) * 2
             ratio = f"{rate / statistics.median(cells[concurrency, 'off'].rates):.3f}" if mode == "on" else ""
-            table.add_row(str(concurrency), mode, str(cell.requests), f"{rate:.1f}", f"{p50:.1f}", f"{p99:.1f}", ratio)
+            batch = cell.rows / cell.steps if cell.steps else float("nan")
+            figures = (f"{rate:.1f}", f"{p50:.1f}", f"{p99:.1f}", ratio, f"{batch:.1f}")
+            table.add_row(str(concurrency), mode, str(cell.requests), *figures)
             row = {"concurrency": concurrency, "monitoring": mode, "requests": cell.requests, "tok_s": round(rate, 2)}
-            rows.append(row | {"ttft_p50_ms": round(float(p50), 1), "ttft_p99_ms": round(float(p99), 1)})
+            row |= {"ttft_p50_ms": round(float(p50), 1), "ttft_p99_ms": round(float(p99), 1), "rows_per_step": round(batch, 2)}
+            rows.append(row)
         if concurrency != args.concurrency[-1]:
             table.add_section()
-    Console(width=130).print(table)
+    Console(width=140).print(table)
     ceiling = bandwidth / weight_bytes
     one = statistics.median(cells[1, "off"].rates)
     print(

@@ -29,7 +29,8 @@ from transformers import DynamicCache
 
 STRAGGLER_WAIT = 0.002
 """Seconds a step waits for seats that have not handed in their token yet (their consumer is
-still busy with the last step); after that they sit the step out."""
+still busy with the last step); after that they sit the step out. Measured with 32 clients on the
+real model, steps read 31.0 rows on average (`bench/serve.py`'s rows/step): sit-outs are rare."""
 
 Forward = Callable[..., tuple[torch.Tensor, torch.Tensor | None]]
 """(input_ids [B, 1], cache, attention_mask or None, position_ids or None) -> (logits [B, vocab], readouts [B, n] or None)."""

@@ -182,6 +182,10 @@ class LoopLocal(Generic[T]):
             item = self._items[loop] = self._make()
         return item
 
+    def all(self) -> list[T]:
+        """The `T` of every loop still alive."""
+        return list(self._items.values())
+
 
 class IncrementalForcer:
     """Teacher-forces an assistant text that arrives piece by piece, with a KV cache.

@@ -255,6 +255,11 @@ class HFEngine:
         """The batch of this event loop's decoding sessions."""
         return self._batches.get()
 
+    def decode_stats(self) -> tuple[int, int]:
+        """(decode forwards, tokens they read) so far over every event loop's batch."""
+        batches = self._batches.all()
+        return sum(b.steps for b in batches), sum(b.rows_read for b in batches)
+
     def force_batch(self) -> ForceBatch:
         """This event loop's teacher-forced reads (several texts per forward)."""
         return self._forces.get()
