@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, DynamicCache
+from transformers import DynamicCache
 
-from monitor.engine.base import EngineError
 from monitor.engine.batching import DecodeBatch, PromptCache, Seat, batchable
 from monitor.engine.forcing import ForceBatch, IncrementalForcer, LoopLocal, TextBatch
-from monitor.engine.models import THINK_INSTRUCTION, ResolvedModel, ThinkPrompt, resolve_device, resolve_dtype, resolve_model
+from monitor.engine.models import THINK_INSTRUCTION, ThinkPrompt, load_weights
 from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.sampling import Sampler
 from monitor.engine.text import (
@@ -43,7 +42,7 @@ from monitor.engine.text import (
     eos_ids,
     opens_reasoning,
 )
-from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
+from monitor.engine.tiny import TINY_ID
 from monitor.types import AnyReadout, ChatMessage, GenerationRequest, ModelInfo, TraceStep
 
 R = TypeVar("R")
@@ -115,33 +114,9 @@ class HFEngine:
         dequantised once into `models_dir`, or found whole in a read-only `prebuilt_models` folder),
         a local directory or a hub id. `think`: whether the prompt asks the model to reason in a think
         block (auto: when the model is known to need it)."""
-        torch_device = resolve_device(device)
-        torch_dtype = resolve_dtype(dtype, torch_device)
-        model: Any
-        tokenizer: Any
-        resolved = ResolvedModel(model_id, None)
-        if model_id == TINY_ID:
-            model, tokenizer = build_tiny(seed)
-            rev = f"seed{seed}-{weights_digest(model)}"
-        else:
-            resolved = resolve_model(model_id, models_dir, prebuilt_models)
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=revision)
-                model = AutoModelForCausalLM.from_pretrained(resolved.path, revision=revision, dtype=torch_dtype)
-            except (OSError, ValueError) as exc:
-                raise EngineError(f"cannot load model {model_id!r}: {exc}") from exc
-            rev = (
-                resolved.revision
-                or revision
-                or getattr(model.config, "_commit_hash", None)
-                or ("local" if Path(model_id).exists() else "unknown")
-            )
-        model = model.to(device=torch_device, dtype=torch_dtype).eval()
-        layers = decoder_layers(model)
-        config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
-        info = ModelInfo(model_id=model_id, revision=str(rev), d_model=int(config.hidden_size), n_layers=len(layers))
-        prompt = {"auto": resolved.think, "prompt": resolved.think or ThinkPrompt(THINK_INSTRUCTION), "off": None}[think]
-        return cls(model, tokenizer, info, prompt)
+        loaded = load_weights(model_id, device, dtype, revision, seed, models_dir, prebuilt_models)
+        prompt = {"auto": loaded.think, "prompt": loaded.think or ThinkPrompt(THINK_INSTRUCTION), "off": None}[think]
+        return cls(loaded.model, loaded.tokenizer, loaded.info, prompt)
 
     # -- readouts -----------------------------------------------------------------------------
 

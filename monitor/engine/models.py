@@ -26,8 +26,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from monitor.engine.base import EngineError
+from monitor.engine.readout import decoder_layers
+from monitor.engine.tiny import TINY_ID, build_tiny, weights_digest
+from monitor.types import ModelInfo
 
 MANIFEST = "cotmon-cache.json"
 """Written last into a dequantised model folder: the GGUF's sha256 and every file's sha256."""
@@ -205,3 +209,54 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
     if not isinstance(value, torch.dtype):
         raise EngineError(f"unknown dtype {dtype!r} (use auto, float32, bfloat16 or float16)")
     return value
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A causal LM on its device, ready for an engine."""
+
+    model: Any
+    tokenizer: Any
+    info: ModelInfo
+    think: ThinkPrompt | None
+    """The think prompt the model is known to need (None: it reasons on its own, or is unknown)."""
+
+
+def load_weights(
+    model_id: str,
+    device: str,
+    dtype: str,
+    revision: str | None,
+    seed: int,
+    models_dir: Path,
+    prebuilt_models: Sequence[Path] = (),
+) -> LoadedModel:
+    """`tiny` (built in code from `seed`), a known name or `.gguf` file (dequantised once into
+    `models_dir`, or found whole in a read-only `prebuilt_models` folder), a local directory or a hub
+    id, on `device` in `dtype`."""
+    torch_device = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, torch_device)
+    model: Any
+    tokenizer: Any
+    resolved = ResolvedModel(model_id, None)
+    if model_id == TINY_ID:
+        model, tokenizer = build_tiny(seed)
+        rev = f"seed{seed}-{weights_digest(model)}"
+    else:
+        resolved = resolve_model(model_id, models_dir, prebuilt_models)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(resolved.path, revision=revision)
+            model = AutoModelForCausalLM.from_pretrained(resolved.path, revision=revision, dtype=torch_dtype)
+        except (OSError, ValueError) as exc:
+            raise EngineError(f"cannot load model {model_id!r}: {exc}") from exc
+        rev = (
+            resolved.revision
+            or revision
+            or getattr(model.config, "_commit_hash", None)
+            or ("local" if Path(model_id).exists() else "unknown")
+        )
+    model = model.to(device=torch_device, dtype=torch_dtype).eval()
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    layers = len(decoder_layers(model))
+    info = ModelInfo(model_id=model_id, revision=str(rev), d_model=int(config.hidden_size), n_layers=layers)
+    return LoadedModel(model, tokenizer, info, resolved.think)
