@@ -24,7 +24,7 @@ LATENCY_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 
 class Metrics:
-    """The metrics of DESIGN.md "Observability", registered on `registry`."""
+    """The metrics of ARCHITECTURE.md "Observability", registered on `registry`."""
 
     def __init__(self, registry: CollectorRegistry = REGISTRY):
         self.registry = registry

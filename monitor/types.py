@@ -75,7 +75,7 @@ class Readout:
     name: str
     """Unique name; the key of the value in `TraceStep.readouts`."""
     layer: int
-    """Decoder block whose output is read (DESIGN.md "Layer numbering")."""
+    """Decoder block whose output is read (ARCHITECTURE.md "Layer numbering")."""
     weight: npt.NDArray[np.float32]
     """Direction, shape [d_model]."""
     bias: float = 0.0
@@ -97,7 +97,7 @@ class DeviceReadout:
     names: tuple[str, ...]
     """Readout names, one per output column; keys in `TraceStep.readouts`."""
     layer: int
-    """Decoder block whose output is read (DESIGN.md "Layer numbering")."""
+    """Decoder block whose output is read (ARCHITECTURE.md "Layer numbering")."""
     build: Callable[[Any], Callable[[Any], Any]]
     """Given a torch device, returns fn(hidden [..., d_model] float32) -> values [..., len(names)]."""
 
