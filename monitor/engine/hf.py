@@ -30,9 +30,10 @@ import torch
 from transformers import DynamicCache
 
 from monitor.engine.batching import DecodeBatch, PromptCache, Seat, batchable
+from monitor.engine.capture import capture, capture_many
 from monitor.engine.forcing import ForceBatch, IncrementalForcer, LoopLocal, TextBatch
 from monitor.engine.models import THINK_INSTRUCTION, ThinkPrompt, load_weights
-from monitor.engine.readout import ActivationCapture, CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
+from monitor.engine.readout import CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.sampling import Sampler
 from monitor.engine.text import (
     THINK_CLOSE,
@@ -83,16 +84,17 @@ class HFEngine:
         """Tokens per forward when reading a prompt or text (see the module docstring)."""
         self.force_batch_tokens = FORCE_BATCH_TOKENS["cpu" if self.device.type == "cpu" else "accelerator"]
         """Padded tokens one forward may hold when several teacher-forced texts share it."""
-        self._layers = decoder_layers(model)
+        self.blocks = decoder_layers(model)
+        """The decoder layers (layer L is `blocks[L]`'s output)."""
         self._plan: ReadoutPlan | None = None
         self._hooks: ReadoutHooks | None = None
-        # The hooks write into per-engine buffers: one forward at a time.
-        self._lock = threading.Lock()
+        self.lock = threading.Lock()
+        """Held for every forward: the hooks write into per-engine buffers, so one forward at a time."""
         self._close_ids: list[int] = tokenizer.encode("\n" + THINK_CLOSE + "\n\n", add_special_tokens=False)
         self._cache_kwarg = cache_kwarg(model)
         self.batching = True
         """Decode concurrent sessions in one forward per step (False: one forward per session and token)."""
-        self._batches = LoopLocal(lambda: DecodeBatch(self._forward_rows, self._lock, self._pad_id))
+        self._batches = LoopLocal(lambda: DecodeBatch(self._forward_rows, self.lock, self.pad_id))
         self._forces = LoopLocal(lambda: ForceBatch(self._read_alone, self._read_together, self._force_budget))
         self.prompts = PromptCache()
         """Recent prompts' KV caches: a prompt seen again is not read again."""
@@ -123,10 +125,10 @@ class HFEngine:
     def install(self, readouts: Sequence[AnyReadout]) -> None:
         """Compile `readouts` into fused per-layer matrices and hook them; [] removes all hooks."""
         plan = ReadoutPlan(readouts, d_model=self.info.d_model, n_layers=self.info.n_layers, device=self.device)
-        with self._lock:
+        with self.lock:
             if self._hooks is not None:
                 self._hooks.__exit__(None, None, None)
-            self._plan, self._hooks = (plan, ReadoutHooks(self._layers, plan).__enter__()) if len(plan) else (None, None)
+            self._plan, self._hooks = (plan, ReadoutHooks(self.blocks, plan).__enter__()) if len(plan) else (None, None)
 
     @property
     def readout_names(self) -> tuple[str, ...]:
@@ -179,7 +181,7 @@ class HFEngine:
 
     def _forward(self, input_ids: list[int], cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last position and readouts of every position ([seq, n] or None)."""
-        with self._lock, torch.inference_mode():
+        with self.lock, torch.inference_mode():
             ids = torch.tensor([input_ids], device=self.device)
             kwargs = {self._cache_kwarg: cache}
             out = self.model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1, **kwargs)
@@ -189,9 +191,9 @@ class HFEngine:
     def _forward_readouts(self, input_ids: list[int], cache: DynamicCache) -> torch.Tensor | None:
         """Readouts of every position ([seq, n] or None), the forward stopped after the highest
         readout layer (the caller wants no logits)."""
-        with self._lock, torch.inference_mode():
+        with self.lock, torch.inference_mode():
             with self._readouts_only():
-                self._run_model(torch.tensor([input_ids], device=self.device), cache)
+                self.run_model(torch.tensor([input_ids], device=self.device), cache)
             return self._hooks.collect()[0] if self._hooks is not None else None
 
     @contextlib.contextmanager
@@ -207,13 +209,13 @@ class HFEngine:
         finally:
             self._hooks.stop = False
 
-    def _run_model(self, ids: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
+    def run_model(self, ids: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
         """The model on `ids` [batch, seq] after `cache` (extended in place); logits of the last position."""
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
 
     def _run_readouts_only(self, ids: torch.Tensor, cache: DynamicCache) -> None:
         with self._readouts_only():
-            self._run_model(ids, cache)
+            self.run_model(ids, cache)
 
     def _forward_rows(
         self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None, positions: torch.Tensor | None
@@ -222,7 +224,7 @@ class HFEngine:
         Without a mask it is `_forward`'s call exactly."""
         with torch.inference_mode():
             masked = {} if mask is None else {"attention_mask": mask, "position_ids": positions}
-            out = self._run_model(ids, cache, **masked)
+            out = self.run_model(ids, cache, **masked)
             readouts = self._hooks.collect()[:, -1] if self._hooks is not None else None
             return out.logits[:, -1].float(), readouts
 
@@ -240,7 +242,7 @@ class HFEngine:
         return self._forces.get()
 
     @property
-    def _pad_id(self) -> int:
+    def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
 
     async def _read_alone(self, input_ids: list[int]) -> torch.Tensor | None:
@@ -248,8 +250,8 @@ class HFEngine:
 
     def _read_together(self, prompts: list[list[int]], texts: list[list[int]]) -> list[torch.Tensor | None]:
         """Several texts after their prompts in one forward (a worker thread): each text's readouts."""
-        batch = TextBatch.of(prompts, texts, self._pad_id, self.device)
-        with self._lock, torch.inference_mode():
+        batch = TextBatch.of(prompts, texts, self.pad_id, self.device)
+        with self.lock, torch.inference_mode():
             batch.run(self._run_readouts_only)
             values = self._hooks.collect() if self._hooks is not None else None
         return list(batch.texts_of(values)) if values is not None else [None] * len(texts)
@@ -373,40 +375,16 @@ class HFEngine:
     def capture_many(
         self, items: Sequence[tuple[Sequence[ChatMessage], str]], layers: Sequence[int]
     ) -> list[dict[int, torch.Tensor]]:
-        """`capture` for several (messages, assistant text) at once: one forward for all of them.
-
-        The prompts' common start is computed once and its KV cache repeated over the batch; the
-        rest of each sequence is right-padded, which no real token attends to (attention is causal),
-        so each text's activations are its own (equal to `capture`'s to float rounding).
-        """
-        if not items:
-            return []
-        prompts = [self.encode(self.render_prompt(messages)) for messages, _ in items]
-        batch = TextBatch.of(prompts, [self.encode(text) for _, text in items], self._pad_id, self.device)
-
-        def forward(ids: torch.Tensor, cache: DynamicCache) -> None:
-            with contextlib.suppress(CaptureDone):
-                self._run_model(ids, cache)
-
-        # Both forwards stop after the highest wanted layer (CaptureDone): nothing above it is needed,
-        # not even in the prefix's KV cache, since the batch's forward stops there too.
-        with ActivationCapture(self._layers, layers, stop=True) as cap, self._lock, torch.inference_mode():
-            batch.run(forward)
-        per_layer = {layer: batch.texts_of(acts) for layer, acts in cap.activations.items()}
-        return [{layer: texts[i] for layer, texts in per_layer.items()} for i in range(len(items))]
+        """`monitor.engine.capture.capture_many` on this engine (what probe training reads)."""
+        return capture_many(self, items, layers)
 
     def forcer(self, messages: Sequence[ChatMessage], session_id: str) -> IncrementalForcer:
         """Teacher-forcing of a text that arrives in pieces (the upstream mode's reader)."""
         return IncrementalForcer(self, messages, session_id)
 
     def capture(self, messages: Sequence[ChatMessage], assistant_text: str, layers: Sequence[int]) -> dict[int, torch.Tensor]:
-        """Raw residual-stream activations [tokens, d_model] of `assistant_text`'s tokens per layer:
-        one plain forward, the reference `capture_many` (what training uses) is checked against."""
-        prompt_ids = self.encode(self.render_prompt(messages))
-        text_ids = self.encode(assistant_text)
-        with ActivationCapture(self._layers, layers) as cap, self._lock, torch.inference_mode():
-            self.model(input_ids=torch.tensor([prompt_ids + text_ids], device=self.device), use_cache=False, logits_to_keep=1)
-        return {layer: acts[0, len(prompt_ids) :] for layer, acts in cap.activations.items()}
+        """`monitor.engine.capture.capture` on this engine (the plain-forward reference)."""
+        return capture(self, messages, assistant_text, layers)
 
 
 def cache_kwarg(model: Any) -> str:
