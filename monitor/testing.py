@@ -298,6 +298,9 @@ class ScriptedJudge:
             while (left := padding_bytes - self.streamed[index]) > 0 and not gone.is_set() and not self._closing.is_set():
                 await send({"type": "http.response.body", "body": _PADDING[:left], "more_body": True})  # waits on flow control
                 self.streamed[index] += min(left, len(_PADDING))
+                # Once the client is gone, uvicorn takes (and drops) writes without suspending: let the
+                # listener see the disconnect now, so that `streamed` counts only bytes that could arrive.
+                await asyncio.sleep(0)
             if not gone.is_set():
                 await send({"type": "http.response.body", "body": b"", "more_body": False})
             listener.cancel()

@@ -103,6 +103,11 @@ async def test_cotmons_own_tiny_model_as_the_judge_speaks_nonsense_safely(engine
 
 
 async def test_the_judge_never_blocks_the_token_stream(engine: HFEngine) -> None:
+    load_triage("auto")  # trained once per process: not part of the session's time
+    unjudged, _ = pipeline(engine, [])
+    started = time.perf_counter()
+    [_ async for _ in unjudged.teacher_force(MESSAGES, TEXT).events()]
+    alone = time.perf_counter() - started  # the same tokens with no judge, on this machine now
     with ScriptedJudge(default=JudgeReply(verdict(), delay_s=0.3)) as judge:
         p, _ = pipeline(engine, [judge_spec(judge.base_url, every=8, paragraphs=False, timeout_s=10.0)])
         session = p.teacher_force(MESSAGES, TEXT)
@@ -112,7 +117,10 @@ async def test_the_judge_never_blocks_the_token_stream(engine: HFEngine) -> None
     assert session.transcript is not None
     windows = len(judge.requests)
     assert windows >= 5  # every 8 tokens
-    assert stamps[-1] - started < 1.0  # every token went out while the judge was still busy
+    # Every token went out while the judge was still busy: within 1 s (what the token stream takes on
+    # an idle machine, plus margin), or on a loaded machine within what the same tokens take without
+    # a judge plus less than one judge reply (a stream that waited for the judge would need 5).
+    assert stamps[-1] - started < max(1.0, alone + 0.3)
     assert total >= 0.3 * windows * 0.9  # the end of the session waited for the judge, window by window
 
 
