@@ -20,9 +20,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import threading
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import torch
 from transformers import DynamicCache
@@ -224,6 +225,28 @@ class DecodeBatch:
             for s in active:
                 s.length += 1
             return [(logits[s.row], None if values is None else values[s.row]) for s in active]
+
+
+T = TypeVar("T")
+
+
+class LoopLocal(Generic[T]):
+    """One `T` per running event loop (batches hold futures and tasks of their own loop)."""
+
+    def __init__(self, make: Callable[[], T]):
+        self._make = make
+        self._items: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
+
+    def get(self) -> T:
+        loop = asyncio.get_running_loop()
+        item = self._items.get(loop)
+        if item is None:
+            item = self._items[loop] = self._make()
+        return item
+
+    def all(self) -> list[T]:
+        """The `T` of every loop still alive."""
+        return list(self._items.values())
 
 
 def _tensors(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]]:

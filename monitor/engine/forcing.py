@@ -15,10 +15,9 @@ such read is one forward over prompt + text. Several read at the same time share
 from __future__ import annotations
 
 import asyncio
-import weakref
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Generic, TypeVar
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import DynamicCache
@@ -100,14 +99,14 @@ class ForceBatch:
     """The teacher-forced reads of one engine on one event loop (see the module docstring).
 
     Args:
-        alone: reads one prompt + text the engine's usual way: readouts [tokens, n] of every
-            position, or None without readouts.
+        alone: reads one prompt and text the engine's usual way: the text's readouts
+            [len(text), n], or None without readouts.
         together: reads a `TextBatch` in one forward (called in a worker thread): each text's
             readouts [len(text), n], or Nones.
         budget: padded tokens one shared forward may hold (a longer read goes alone, chunked).
     """
 
-    alone: Callable[[list[int]], Awaitable[torch.Tensor | None]]
+    alone: Callable[[list[int], list[int]], Awaitable[torch.Tensor | None]]
     together: Callable[[list[list[int]], list[list[int]]], list[torch.Tensor | None]]
     budget: Callable[[], int]
     forwards: int = 0
@@ -120,8 +119,7 @@ class ForceBatch:
     async def read(self, prompt: list[int], text: list[int]) -> torch.Tensor | None:
         """Readouts [len(text), n] of `text` read after `prompt` (None without readouts)."""
         if len(prompt) + len(text) > self.budget():  # too long to share a forward: chunked, as always
-            values = await self.alone(prompt + text)
-            return None if values is None else values[len(prompt) :]
+            return await self.alone(prompt, text)
         read = _Read(prompt, text, asyncio.get_running_loop().create_future())
         self._queue.append(read)
         if self._runner is None or self._runner.done():
@@ -136,9 +134,7 @@ class ForceBatch:
             group = self._take()
             try:
                 if len(group) == 1:
-                    (read,) = group
-                    values = await self.alone(read.prompt + read.text)
-                    outputs = [None if values is None else values[len(read.prompt) :]]
+                    outputs = [await self.alone(group[0].prompt, group[0].text)]
                 else:
                     outputs = await asyncio.to_thread(self.together, [r.prompt for r in group], [r.text for r in group])
                     self.forwards += 1
@@ -163,28 +159,6 @@ class ForceBatch:
                 group.append(read)
                 self._queue.remove(read)
         return group
-
-
-T = TypeVar("T")
-
-
-class LoopLocal(Generic[T]):
-    """One `T` per running event loop (batches hold futures and tasks of their own loop)."""
-
-    def __init__(self, make: Callable[[], T]):
-        self._make = make
-        self._items: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, T] = weakref.WeakKeyDictionary()
-
-    def get(self) -> T:
-        loop = asyncio.get_running_loop()
-        item = self._items.get(loop)
-        if item is None:
-            item = self._items[loop] = self._make()
-        return item
-
-    def all(self) -> list[T]:
-        """The `T` of every loop still alive."""
-        return list(self._items.values())
 
 
 class IncrementalForcer:

@@ -22,16 +22,16 @@ import inspect
 import threading
 import uuid
 from collections import deque
-from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import torch
 from transformers import DynamicCache
 
-from monitor.engine.batching import DecodeBatch, PromptCache, Seat, batchable
+from monitor.engine.batching import DecodeBatch, LoopLocal, PromptCache, Seat, batchable
 from monitor.engine.capture import capture, capture_many
-from monitor.engine.forcing import ForceBatch, IncrementalForcer, LoopLocal, TextBatch
+from monitor.engine.forcing import ForceBatch, IncrementalForcer, TextBatch
 from monitor.engine.models import THINK_INSTRUCTION, ThinkPrompt, load_weights
 from monitor.engine.readout import CaptureDone, ReadoutHooks, ReadoutPlan, decoder_layers
 from monitor.engine.sampling import Sampler
@@ -179,12 +179,10 @@ class HFEngine:
         starts = range(0, len(input_ids), chunk)
         return [await asyncio.to_thread(forward, list(input_ids[start : start + chunk])) for start in starts]
 
-    def _forward(self, input_ids: list[int], cache: DynamicCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _forward(self, input_ids: list[int], cache: DynamicCache) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Logits of the last position and readouts of every position ([seq, n] or None)."""
         with self.lock, torch.inference_mode():
-            ids = torch.tensor([input_ids], device=self.device)
-            kwargs = {self._cache_kwarg: cache}
-            out = self.model(input_ids=ids, use_cache=cache is not None, logits_to_keep=1, **kwargs)
+            out = self.run_model(torch.tensor([input_ids], device=self.device), cache)
             readouts = self._hooks.collect()[0] if self._hooks is not None else None
             return out.logits[0, -1].float(), readouts
 
@@ -192,30 +190,24 @@ class HFEngine:
         """Readouts of every position ([seq, n] or None), the forward stopped after the highest
         readout layer (the caller wants no logits)."""
         with self.lock, torch.inference_mode():
-            with self._readouts_only():
-                self.run_model(torch.tensor([input_ids], device=self.device), cache)
+            self._run_readouts_only(torch.tensor([input_ids], device=self.device), cache)
             return self._hooks.collect()[0] if self._hooks is not None else None
-
-    @contextlib.contextmanager
-    def _readouts_only(self) -> Iterator[None]:
-        """Forwards in the block stop once the readouts are computed (the caller holds the lock)."""
-        if self._hooks is None:
-            yield
-            return
-        self._hooks.stop = True
-        try:
-            with contextlib.suppress(CaptureDone):
-                yield
-        finally:
-            self._hooks.stop = False
 
     def run_model(self, ids: torch.Tensor, cache: DynamicCache, **kwargs: Any) -> Any:
         """The model on `ids` [batch, seq] after `cache` (extended in place); logits of the last position."""
         return self.model(input_ids=ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache}, **kwargs)
 
     def _run_readouts_only(self, ids: torch.Tensor, cache: DynamicCache) -> None:
-        with self._readouts_only():
+        """`run_model`, stopped once the readouts are computed (the caller holds the lock)."""
+        if self._hooks is None:
             self.run_model(ids, cache)
+            return
+        self._hooks.stop = True
+        try:
+            with contextlib.suppress(CaptureDone):
+                self.run_model(ids, cache)
+        finally:
+            self._hooks.stop = False
 
     def _forward_rows(
         self, ids: torch.Tensor, cache: DynamicCache, mask: torch.Tensor | None, positions: torch.Tensor | None
@@ -245,8 +237,10 @@ class HFEngine:
     def pad_id(self) -> int:
         return int(self.tokenizer.pad_token_id) if self.tokenizer.pad_token_id is not None else 0
 
-    async def _read_alone(self, input_ids: list[int]) -> torch.Tensor | None:
-        return await self.read(input_ids, DynamicCache())
+    async def _read_alone(self, prompt: list[int], text: list[int]) -> torch.Tensor | None:
+        """The readouts [len(text), n] of `text` after `prompt`, read the plain chunked way."""
+        values = await self.read(prompt + text, DynamicCache())
+        return None if values is None else values[len(prompt) :]
 
     def _read_together(self, prompts: list[list[int]], texts: list[list[int]]) -> list[torch.Tensor | None]:
         """Several texts after their prompts in one forward (a worker thread): each text's readouts."""
